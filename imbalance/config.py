@@ -1,0 +1,220 @@
+"""The one typed configuration of a run.
+
+`RunConfig` is what `experiments.run` builds from its flags and what every part of the library reads.
+`RunConfig.validate()` rejects unknown values and contradictory combinations with a message that names the
+flag, so a typo never silently trains the wrong thing.
+
+Conventions used everywhere:
+- label 1 is the positive class (cat by default), label 0 the negative one;
+- comma lists on the command line (`--class-weights`, `--alpha`, `--train-counts`) are given in the
+  lecture's order: positive first, then negative ("6,0.55" means 6 for cats, 0.55 for dogs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SPLIT_PRESETS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
+    # name: ((train positive, train negative), (val positive, val negative)), as in the lecture.
+    "balanced": ((11000, 11000), (1500, 1500)),
+    "imbalanced-1": ((1000, 11000), (1500, 1500)),
+    "imbalanced-2": ((500, 11000), (1500, 1500)),
+    "intro-balanced": ((6000, 6000), (1500, 1500)),
+}
+
+LOGGERS = ("wandb", "csv", "tensorboard", "none")
+SAMPLING = ("none", "over", "under")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+class ConfigError(ValueError):
+    """An option is unknown, out of range or contradicts another one."""
+
+
+@dataclass
+class RunConfig:
+    # data
+    data_dir: Path | None = None
+    positive_class: str = "cat"
+    split: str | None = None
+    train_counts: tuple[int, int] | None = None
+    val_counts: tuple[int, int] | None = None
+    scale: float = 1.0
+    manifest: Path | None = None
+    image_size: int | None = None
+    cache: bool = False
+    num_workers: int | None = None
+    # model
+    backbone: str = "resnet18"
+    pretrained: bool = False
+    weights: Path | None = None
+    freeze_backbone: bool = False
+    # loss and remedies
+    loss: str = "ce"
+    label_smoothing: float = 0.0
+    gamma: float | None = None
+    alpha: tuple[float, ...] | None = None
+    class_weights: tuple[float, ...] | None = None
+    pos_weight: float | None = None
+    beta: float = 0.9999
+    cb_base: str = "ce"
+    ldam_max_margin: float = 0.5
+    ldam_scale: float = 1.0
+    drw_epoch: int | None = None
+    tau: float = 1.0
+    sampling: str = "none"
+    tune_threshold: bool = False
+    posthoc_la: float | None = None
+    # optimisation
+    batch_size: int = 64
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    precision: str | None = None
+    deterministic: bool = False
+    # hardware
+    gpus: int | None = None
+    accelerator: str = "auto"
+    devices: int | None = None
+    nodes: int = 1
+    # logging and output
+    logger: str = "wandb"
+    wandb_project: str = "imbalance"
+    run_name: str | None = None
+    out: Path | None = None
+    resume: bool = False
+    fast_dev_run: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> RunConfig:
+        """Check every option on its own and against the others; return self for chaining."""
+        from imbalance.losses import LOSSES  # late import: losses import torch, config must stay light
+
+        def fail(message: str) -> None:
+            raise ConfigError(message)
+
+        if self.loss not in LOSSES:
+            fail(f"--loss {self.loss!r} is unknown; choose one of: {', '.join(LOSSES)}")
+        if self.logger not in LOGGERS:
+            fail(f"--logger {self.logger!r} is unknown; choose one of: {', '.join(LOGGERS)}")
+        if self.sampling not in SAMPLING:
+            fail(f"--sampling {self.sampling!r} is unknown; choose one of: {', '.join(SAMPLING)}")
+        if self.accelerator not in ACCELERATORS:
+            fail(f"--accelerator {self.accelerator!r} is unknown; choose one of: {', '.join(ACCELERATORS)}")
+        if self.split is not None and self.split not in SPLIT_PRESETS:
+            fail(f"--split {self.split!r} is unknown; choose one of: {', '.join(SPLIT_PRESETS)}")
+        for name in ("batch_size", "epochs", "nodes"):
+            if getattr(self, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            fail(f"--lr must be positive, got {self.lr}")
+        if not 0 < self.scale <= 1:
+            fail(f"--scale must be in (0, 1], got {self.scale}")
+        if self.image_size is not None and self.image_size < 8:
+            fail(f"--image-size must be at least 8 pixels, got {self.image_size}")
+        if not 0 <= self.label_smoothing < 1:
+            fail(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.num_workers is not None and self.num_workers < 0:
+            fail(f"--num-workers must be >= 0, got {self.num_workers}")
+
+        # hardware: --gpus is the lecture's shorthand, --accelerator/--devices the general form
+        if self.gpus is not None:
+            if self.gpus < 1:
+                fail(f"--gpus must be at least 1, got {self.gpus}")
+            if self.devices is not None:
+                fail("--gpus N and --devices N both set the number of devices; give only one of them")
+            if self.accelerator not in ("auto", "gpu", "cuda"):
+                fail(f"--gpus asks for GPUs but --accelerator is {self.accelerator!r}; drop one of them")
+        if self.devices is not None and self.devices < 1:
+            fail(f"--devices must be at least 1, got {self.devices}")
+
+        # model
+        if self.pretrained and self.weights is not None:
+            fail("--pretrained and --weights both choose the starting weights; give only one of them")
+        if self.freeze_backbone and not (self.pretrained or self.weights is not None):
+            fail("--freeze-backbone trains only the head on a random backbone; add --pretrained or --weights")
+
+        # data
+        if self.data_dir is None and (self.split or self.train_counts or self.val_counts or self.manifest):
+            fail(
+                "--split, --train-counts, --val-counts and --manifest choose photos from --data-dir; "
+                "the embedded digits data set has its own fixed split. Add --data-dir DIR."
+            )
+        if self.split is not None and (self.train_counts or self.val_counts):
+            fail("--split and --train-counts/--val-counts both set the split sizes; give only one of them")
+        for name in ("train_counts", "val_counts"):
+            counts = getattr(self, name)
+            if counts is not None and (len(counts) != 2 or min(counts) < 1):
+                fail(f"--{name.replace('_', '-')} takes two positive counts 'positive,negative', got {counts}")
+        if self.manifest is not None and (self.split or self.train_counts or self.val_counts or self.scale != 1):
+            fail("--manifest replays a saved split exactly; drop --split/--train-counts/--val-counts/--scale")
+
+        # loss-specific options must belong to the chosen loss
+        focal_like = self.loss in ("focal", "sigmoid-focal") or (self.loss == "cb" and self.cb_base == "focal")
+        if self.gamma is not None and not focal_like:
+            fail(f"--gamma is a focal-loss option but --loss is {self.loss!r}; use --loss focal")
+        if self.gamma is not None and self.gamma < 0:
+            fail(f"--gamma must be >= 0, got {self.gamma}")
+        if self.alpha is not None:
+            if self.loss not in ("focal", "sigmoid-focal"):
+                fail(f"--alpha is a focal-loss option but --loss is {self.loss!r}; use --loss focal")
+            one_in_range = len(self.alpha) == 1 and 0 <= self.alpha[0] <= 1
+            two_nonnegative = len(self.alpha) == 2 and min(self.alpha) >= 0
+            if not (one_in_range or two_nonnegative):
+                fail(
+                    f"--alpha takes one value in [0, 1] or two per-class weights 'positive,negative', got {self.alpha}"
+                )
+            if self.loss == "sigmoid-focal" and len(self.alpha) != 1:
+                fail("--loss sigmoid-focal takes a single --alpha (the weight of the positive class)")
+        if self.class_weights is not None:
+            if self.loss != "weighted":
+                fail(f"--class-weights needs --loss weighted, but --loss is {self.loss!r}")
+            if len(self.class_weights) != 2 or min(self.class_weights) <= 0:
+                fail(f"--class-weights takes two positive weights 'positive,negative', got {self.class_weights}")
+        if self.pos_weight is not None and self.loss != "bce":
+            fail(f"--pos-weight needs --loss bce, but --loss is {self.loss!r}")
+        if self.label_smoothing and self.loss not in ("ce", "weighted"):
+            fail(f"--label-smoothing applies to --loss ce or weighted, not {self.loss!r}")
+        if self.cb_base not in ("ce", "focal"):
+            fail(f"--cb-base must be 'ce' or 'focal', got {self.cb_base!r}")
+        if not 0 <= self.beta < 1:
+            fail(f"--beta must be in [0, 1), got {self.beta}")
+        if self.drw_epoch is not None and self.loss != "ldam":
+            fail(f"--drw-epoch is the LDAM-DRW schedule; it needs --loss ldam, not {self.loss!r}")
+        return self
+
+    @property
+    def gamma_or_default(self) -> float:
+        return 2.0 if self.gamma is None else self.gamma
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values (paths as strings), for logs, checkpoints and summary.json."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Inverse of `to_dict`; unknown keys are an error so an old checkpoint never half-loads."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown configuration keys {unknown}; was this written by a newer version?")
+        kwargs = {}
+        for name, value in values.items():
+            if value is not None and name in ("data_dir", "manifest", "weights", "out"):
+                value = Path(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)

@@ -1,0 +1,499 @@
+"""From a folder of photos (or the embedded digits) to the lecture's train/validation splits.
+
+The path a sample takes:
+1. `discover` finds the layout of `--data-dir` and the files of each class;
+2. `scan_images` decodes every file once (cached by path, size and mtime) and drops the bad ones, with the
+   reason, so no epoch ever meets a corrupt file;
+3. `draw_split` draws validation first, then nested training sets, from a seeded permutation per class;
+4. `ImbalanceDataModule` serves them, with samplers that stay correct under DDP.
+
+Labels: 1 is the positive class (`--positive-class`, cat by default), 0 the negative one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import zlib
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from imbalance.config import SPLIT_PRESETS, RunConfig
+from imbalance.io import atomic_write_text
+from imbalance.sampling import EpochSampler
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+EMBEDDED_NAME = "embedded digits (scikit-learn): '8' (positive) vs the other digits"
+EMBEDDED_POSITIVE_DIGIT = 8
+DEFAULT_VAL_FRACTION = 0.12  # the lecture's 1,500 of 12,500 photos per class
+
+
+class DataError(ValueError):
+    """The data folder, a manifest or the asked split cannot be used as given."""
+
+
+@dataclass
+class SplitData:
+    """The result of data preparation: what every later stage needs to know."""
+
+    source: str  # a line for the user: where the photos came from
+    class_names: tuple[str, str]  # (negative, positive), i.e. indexed by label
+    train: list[tuple[str, int]]  # (sample id, label); the id is a path relative to root, or "digits:<i>"
+    val: list[tuple[str, int]]
+    root: Path | None = None  # None for the embedded digits
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found by the scan
+    layout: str = "embedded"
+
+    @property
+    def train_counts(self) -> list[int]:
+        """Training class counts in label order (negative, positive): what losses and samplers use."""
+        labels = [label for _, label in self.train]
+        return [labels.count(0), labels.count(1)]
+
+    @property
+    def val_counts(self) -> list[int]:
+        labels = [label for _, label in self.val]
+        return [labels.count(0), labels.count(1)]
+
+    def manifest(self) -> dict:
+        body = {
+            "root": None if self.root is None else str(self.root),
+            "layout": self.layout,
+            "class_names": list(self.class_names),
+            "train": [list(item) for item in self.train],
+            "val": [list(item) for item in self.val],
+        }
+        digest = hashlib.sha256(json.dumps([body["train"], body["val"]]).encode()).hexdigest()
+        return {"version": 1, "sha256": digest, **body}
+
+
+# --------------------------------------------------------------------------------------------- layouts
+
+
+def _visible_dirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _find_split_dir(folder: Path, names: Sequence[str]) -> Path | None:
+    by_lower = {p.name.lower(): p for p in _visible_dirs(folder)}
+    for name in names:
+        if name in by_lower:
+            return by_lower[name]
+    return None
+
+
+@dataclass
+class Discovered:
+    layout: str
+    root: Path
+    files: dict[str, list[Path]]  # class name -> files (all of them, before the scan)
+    presplit: dict[str, dict[str, list[Path]]] | None = None  # {"train": {...}, "val": {...}}
+
+
+def _class_folders(folder: Path) -> dict[str, list[Path]]:
+    """Two-class ImageFolder: visible sub-folders holding images; empty folders are ignored."""
+    return {d.name: files for d in _visible_dirs(folder) if (files := _image_files(d))}
+
+
+KAGGLE_NAME = re.compile(r"^(cat|dog)\.\d+\.", re.IGNORECASE)
+
+
+def discover(data_dir: Path) -> Discovered:
+    """Recognise the folder's layout; a clear error lists what was found when none fits."""
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        raise DataError(f"--data-dir {data_dir} does not exist; see the README for how to get the PetImages photos")
+    if not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file, not a folder")
+
+    # 3. the lecture's pre-split cats_and_dogs/{train,validation}/{cat,dog}/
+    train_dir = _find_split_dir(data_dir, ("train",))
+    val_dir = _find_split_dir(data_dir, ("validation", "val"))
+    if train_dir and val_dir:
+        train_classes, val_classes = _class_folders(train_dir), _class_folders(val_dir)
+        if len(train_classes) == 2 and {c.lower() for c in train_classes} == {c.lower() for c in val_classes}:
+            val_by_lower = {c.lower(): files for c, files in val_classes.items()}
+            files = {c: f + val_by_lower[c.lower()] for c, f in train_classes.items()}
+            presplit = {"train": train_classes, "val": {c: val_by_lower[c.lower()] for c in train_classes}}
+            return Discovered("presplit", data_dir, files, presplit)
+
+    # 1 and 4. PetImages/Cat, PetImages/Dog or any two-class ImageFolder
+    classes = _class_folders(data_dir)
+    if len(classes) == 2:
+        layout = "petimages" if {c.lower() for c in classes} == {"cat", "dog"} else "imagefolder"
+        return Discovered(layout, data_dir, classes)
+
+    # 2. Kaggle's flat train/ with cat.N.jpg and dog.N.jpg
+    flat = [p for p in _image_files(data_dir) if KAGGLE_NAME.match(p.name)]
+    if flat:
+        files: dict[str, list[Path]] = {"cat": [], "dog": []}
+        for p in flat:
+            files[p.name.split(".")[0].lower()].append(p)
+        if all(files.values()):
+            return Discovered("kaggle", data_dir, files)
+
+    # a wrapper folder (PetImages.zip and train.zip unpack into one sub-folder): look one level down
+    subdirs = _visible_dirs(data_dir)
+    if len(subdirs) == 1 and not _image_files(data_dir):
+        return discover(subdirs[0])
+
+    found = ", ".join(f"{d.name}/ ({len(_image_files(d))} images)" for d in subdirs) or "no sub-folders"
+    loose = len(_image_files(data_dir))
+    raise DataError(
+        f"--data-dir {data_dir}: no supported layout found (found {found}; {loose} loose images). Expected one of: "
+        "Cat/ and Dog/ folders (Microsoft PetImages); flat cat.N.jpg/dog.N.jpg files (Kaggle train/); "
+        "train/ and validation/ each with two class folders; or any folder with exactly two non-empty class folders."
+    )
+
+
+def _positive_first(class_names: Sequence[str], positive_class: str) -> tuple[str, str]:
+    """(negative, positive) class names, matching `positive_class` case-insensitively."""
+    matches = [c for c in class_names if c.lower() == positive_class.lower()]
+    if len(matches) != 1:
+        raise DataError(f"--positive-class {positive_class!r} is not one of the classes found: {sorted(class_names)}")
+    negative = [c for c in class_names if c != matches[0]]
+    return negative[0], matches[0]
+
+
+# --------------------------------------------------------------------------------------- integrity scan
+
+
+def check_image(path: str) -> str | None:
+    """None if the file decodes to an RGB image; otherwise the reason it cannot be used."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file (0 bytes)"
+        with Image.open(path) as img:
+            img.load()  # a full decode: truncated JPEGs fail here, not in the middle of an epoch
+            img.convert("RGB")
+    except Image.DecompressionBombError as error:
+        return f"refused as a decompression bomb: {error}"
+    except (OSError, SyntaxError, ValueError) as error:
+        text = str(error)
+        if "truncated" in text:
+            return f"truncated image: {text}"
+        if "cannot identify image file" in text:
+            return "not an image (undecodable)"
+        return f"undecodable: {text}"
+    return None
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("IMBALANCE_CACHE", Path.home() / ".cache" / "imbalance"))
+
+
+def scan_images(files: Sequence[Path], root: Path, workers: int | None = None) -> dict[str, str]:
+    """Decode every file once; return {path: reason} for the bad ones.
+
+    Results are cached per root in `$IMBALANCE_CACHE` (default ~/.cache/imbalance) by (path, size, mtime),
+    so a second run, a DDP rank or a case-study cell reads the cache instead of decoding 25,000 JPEGs again.
+    """
+    cache_file = _cache_dir() / f"scan-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    results: dict[str, str | None] = {}
+    todo: list[str] = []
+    for path in map(str, files):
+        stat = os.stat(path)
+        key = [stat.st_size, stat.st_mtime_ns]
+        entry = cache.get(path)
+        if entry is not None and entry[:2] == key:
+            results[path] = entry[2]
+        else:
+            todo.append(path)
+    if todo:
+        workers = workers or min(8, os.cpu_count() or 1)
+        if workers > 1 and len(todo) > 256:
+            with ProcessPoolExecutor(workers) as pool:
+                reasons = list(pool.map(check_image, todo, chunksize=64))
+        else:
+            reasons = [check_image(p) for p in todo]
+        for path, reason in zip(todo, reasons, strict=True):
+            stat = os.stat(path)
+            cache[path] = [stat.st_size, stat.st_mtime_ns, reason]
+            results[path] = reason
+        atomic_write_text(cache_file, json.dumps(cache))
+    return {path: reason for path, reason in results.items() if reason is not None}
+
+
+# -------------------------------------------------------------------------------------------- splits
+
+
+def split_counts(cfg: RunConfig) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """((train pos, train neg), (val pos, val neg)) after --scale, or None for 'use every image'."""
+    if cfg.split is not None:
+        train, val = SPLIT_PRESETS[cfg.split]
+    elif cfg.train_counts is not None or cfg.val_counts is not None:
+        train = cfg.train_counts or (0, 0)
+        val = cfg.val_counts or SPLIT_PRESETS["balanced"][1]
+        if cfg.train_counts is None:
+            raise DataError("--val-counts needs --train-counts too (both are 'positive,negative')")
+    else:
+        return None
+
+    def scaled(counts: Sequence[int]) -> tuple[int, int]:
+        return tuple(max(1, round(c * cfg.scale)) for c in counts)  # type: ignore[return-value]
+
+    return scaled(train), scaled(val)
+
+
+def _class_permutation(files: Sequence[str], seed: int, class_name: str) -> list[str]:
+    # One seeded permutation per class, independent of the other class and of the preset: so the validation
+    # set (its head) is the same for every preset, and the training sets (what follows) are nested.
+    rng = np.random.default_rng([seed, zlib.crc32(class_name.lower().encode())])
+    order = rng.permutation(len(files))
+    return [files[i] for i in order]
+
+
+def draw_split(
+    files: dict[str, list[str]],
+    class_names: tuple[str, str],
+    counts: tuple[tuple[int, int], tuple[int, int]] | None,
+    seed: int,
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """Validation first, then training, from each class's seeded permutation. Ids keep their given form."""
+    train: list[tuple[str, int]] = []
+    val: list[tuple[str, int]] = []
+    for label in (1, 0):
+        name = class_names[label]
+        pool = _class_permutation(sorted(files[name]), seed, name)
+        if counts is None:
+            n_val = max(1, round(DEFAULT_VAL_FRACTION * len(pool)))
+            n_train = len(pool) - n_val
+        else:
+            # counts are positive-first; label 1 is the positive class
+            n_train = counts[0][1 - label]
+            n_val = counts[1][1 - label]
+        if n_train + n_val > len(pool):
+            need = n_train + n_val
+            fit = math.floor(len(pool) / need * 100) / 100
+            raise DataError(
+                f"class {name!r} has {len(pool)} usable images but the split asks for {need} "
+                f"({n_train} train + {n_val} val); use fewer, e.g. --scale {fit:.2f} (every count x {fit:.2f})"
+            )
+        val += [(p, label) for p in pool[:n_val]]
+        train += [(p, label) for p in pool[n_val : n_val + n_train]]
+    return sorted(train), sorted(val)
+
+
+def load_split(cfg: RunConfig) -> SplitData:
+    """Discover, scan and split `cfg.data_dir`, or replay `cfg.manifest`, or fall back to the digits."""
+    if cfg.manifest is not None:
+        return load_manifest(cfg.manifest, cfg.data_dir)
+    if cfg.data_dir is None:
+        return embedded_digits(cfg.seed)
+    found = discover(cfg.data_dir)
+    all_files = [p for files in found.files.values() for p in files]
+    bad = scan_images(all_files, found.root)
+    skipped = sorted((str(Path(p).relative_to(found.root)), reason) for p, reason in bad.items())
+    class_names = _positive_first(list(found.files), cfg.positive_class)
+
+    def usable(paths: Sequence[Path]) -> list[str]:
+        return [str(p.relative_to(found.root)) for p in paths if str(p) not in bad]
+
+    if found.presplit is not None:
+        if split_counts(cfg) is not None:
+            raise DataError(
+                f"--data-dir {cfg.data_dir} is already split into train/ and validation/ and is used as given; "
+                "drop --split/--train-counts/--scale, or point --data-dir at an unsplit folder"
+            )
+        train = sorted((p, int(c == class_names[1])) for c, f in found.presplit["train"].items() for p in usable(f))
+        val = sorted((p, int(c == class_names[1])) for c, f in found.presplit["val"].items() for p in usable(f))
+    else:
+        files = {c: usable(f) for c, f in found.files.items()}
+        train, val = draw_split(files, class_names, split_counts(cfg), cfg.seed)
+    source = f"{found.layout} photos in {found.root}"
+    return SplitData(source, class_names, train, val, found.root, skipped, found.layout)
+
+
+def load_manifest(path: Path, data_dir: Path | None) -> SplitData:
+    """Replay a manifest written by an earlier run; its hash must match its lists."""
+    try:
+        manifest = json.loads(Path(path).read_text())
+        root = Path(data_dir) if data_dir is not None else manifest["root"]
+        body = [manifest["train"], manifest["val"]]
+    except (OSError, json.JSONDecodeError, KeyError) as error:
+        raise DataError(f"--manifest {path} cannot be read as a manifest of this repository: {error}") from error
+    if hashlib.sha256(json.dumps(body).encode()).hexdigest() != manifest.get("sha256"):
+        raise DataError(f"--manifest {path}: its file lists do not match its sha256; was it edited by hand?")
+    if manifest["layout"] == "embedded":
+        split = embedded_digits(seed=0)
+        split.train = [tuple(x) for x in manifest["train"]]  # type: ignore[misc]
+        split.val = [tuple(x) for x in manifest["val"]]  # type: ignore[misc]
+        return split
+    root = Path(root)
+    missing = [p for p, _ in manifest["train"] + manifest["val"] if not (root / p).is_file()]
+    if missing:
+        raise DataError(f"--manifest {path}: {len(missing)} files are missing under {root}, e.g. {missing[0]}")
+    return SplitData(
+        f"manifest {path} over {root}",
+        tuple(manifest["class_names"]),  # type: ignore[arg-type]
+        [tuple(x) for x in manifest["train"]],  # type: ignore[misc]
+        [tuple(x) for x in manifest["val"]],  # type: ignore[misc]
+        root,
+        [],
+        manifest["layout"],
+    )
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # 8x8, values 0..16 -> 0..255
+    return images, digits.target
+
+
+def embedded_digits(seed: int) -> SplitData:
+    """scikit-learn's 1,797 handwritten digits as an imbalanced two-class task: '8' (about 1 in 10,
+    the positive, minority class) against every other digit; a stratified 75/25 split."""
+    _, target = _digits()
+    ids = {
+        "8": [f"digits:{i}" for i in np.flatnonzero(target == EMBEDDED_POSITIVE_DIGIT)],
+        "not-8": [f"digits:{i}" for i in np.flatnonzero(target != EMBEDDED_POSITIVE_DIGIT)],
+    }
+    counts = {name: len(v) for name, v in ids.items()}
+    val_n = {name: round(0.25 * n) for name, n in counts.items()}
+    split_sizes = ((counts["8"] - val_n["8"], counts["not-8"] - val_n["not-8"]), (val_n["8"], val_n["not-8"]))
+    train, val = draw_split(ids, ("not-8", "8"), split_sizes, seed)
+    return SplitData(EMBEDDED_NAME, ("not-8", "8"), train, val)
+
+
+# ------------------------------------------------------------------------------------------- datasets
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label, index) for a list of (sample id, label); ids are paths under `root` or
+    'digits:<i>'. The index lets the module match predictions back to files under any sampler."""
+
+    def __init__(self, items: Sequence[tuple[str, int]], root: Path | None, transform) -> None:
+        self.items = list(items)
+        self.root = root
+        self.transform = transform
+        self._digits = _digits()[0] if root is None else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load_image(self, index: int) -> Image.Image:
+        sample_id, _ = self.items[index]
+        if self._digits is not None:
+            return Image.fromarray(self._digits[int(sample_id.split(":")[1])]).convert("RGB")
+        path = self.root / sample_id
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
+        except OSError as error:  # the scan passed it, so the file changed during the run
+            raise DataError(
+                f"{path} could not be decoded although the scan accepted it ({error}); was it modified during the run?"
+            ) from error
+
+    def __getitem__(self, index: int):
+        return self.transform(self.load_image(index)), self.items[index][1], index
+
+
+def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool, photos: bool):
+    """Standard augmentation for training; resize (and centre crop for photos) for evaluation."""
+    finish = [
+        v2.ToImage(),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean=list(mean), std=list(std)),
+    ]
+    if not photos:  # digits: no flips (a flipped digit is another symbol), a small shift and scale only
+        resize = [v2.Resize((image_size, image_size), antialias=True)]
+        if train:
+            resize.append(v2.RandomAffine(degrees=8, translate=(0.08, 0.08), scale=(0.9, 1.1)))
+        return v2.Compose(resize + finish)
+    if train:
+        augment = [
+            v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+        ]
+        return v2.Compose(augment + finish)
+    resize = [v2.Resize(int(math.ceil(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)]
+    return v2.Compose(resize + finish)
+
+
+def default_image_size(split: SplitData) -> int:
+    return 224 if split.root is not None else 32
+
+
+class ImbalanceDataModule(L.LightningDataModule):
+    """Train and validation loaders over a prepared `SplitData`.
+
+    Sampling is done by `EpochSampler`s built here rather than by Lightning's DistributedSampler: the
+    training draw (shuffle, over- or undersampling) is the same on every rank for a (seed, epoch), each rank
+    takes a disjoint shard, and validation is sharded without padding, so metrics are exact under DDP.
+    """
+
+    def __init__(
+        self,
+        split: SplitData,
+        image_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int,
+        sampling: str = "none",
+        seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.split = split
+        self.batch_size = batch_size
+        self.sampling = sampling
+        self.seed = seed
+        self.num_workers = num_workers
+        photos = split.root is not None
+        self.train_set = ImageDataset(split.train, split.root, make_transform(image_size, mean, std, True, photos))
+        self.val_set = ImageDataset(split.val, split.root, make_transform(image_size, mean, std, False, photos))
+
+    def _replicas(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def _loader(self, dataset: ImageDataset, sampler: EpochSampler, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        replicas, rank = self._replicas()
+        labels = [label for _, label in self.split.train]
+        sampler = EpochSampler(labels, self.sampling, seed=self.seed, num_replicas=replicas, rank=rank)
+        return self._loader(self.train_set, sampler, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        replicas, rank = self._replicas()
+        labels = [label for _, label in self.split.val]
+        sampler = EpochSampler(labels, "sequential", seed=self.seed, num_replicas=replicas, rank=rank)
+        return self._loader(self.val_set, sampler, train=False)

@@ -1,0 +1,229 @@
+"""The classifier: a timm backbone and an injected loss inside one LightningModule."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import timm
+import torch
+from torch import Tensor, nn
+
+from imbalance.config import ConfigError
+from imbalance.losses import positive_probability
+from imbalance.metrics import flatten_metrics, make_metrics
+
+BACKBONE_ALIASES = {
+    "vgg": "vgg16",
+    "vgg16": "vgg16",
+    "resnet": "resnet18",
+    "resnet18": "resnet18",
+    "resnet50": "resnet50",
+}
+
+
+class WeightsError(RuntimeError):
+    """Starting weights could not be fetched or loaded."""
+
+
+def resolve_backbone_name(name: str) -> str:
+    resolved = BACKBONE_ALIASES.get(name.lower(), name)
+    if not timm.is_model(resolved):
+        close = timm.list_models(f"*{name.lower()}*")[:8]
+        hint = f"; similar timm names: {', '.join(close)}" if close else ""
+        raise ConfigError(
+            f"--backbone {name!r} is neither an alias ({', '.join(BACKBONE_ALIASES)}) nor a timm model{hint}"
+        )
+    return resolved
+
+
+def create_backbone(name: str, num_outputs: int, pretrained: bool = False, weights: Path | None = None) -> nn.Module:
+    """A timm model with `num_outputs` logits: from scratch, timm's hub weights, or a local file."""
+    timm_name = resolve_backbone_name(name)
+    if pretrained:
+        try:
+            return timm.create_model(timm_name, pretrained=True, num_classes=num_outputs)
+        except Exception as error:  # offline, hub down, no weights for this name: all end the same way
+            raise WeightsError(
+                f"--pretrained: timm could not fetch the pretrained weights of {timm_name!r} ({type(error).__name__}: "
+                f"{str(error)[:200]}). Without network access, download the weights elsewhere and pass the file "
+                "with --weights PATH (a timm/torchvision state dict or .safetensors file)."
+            ) from error
+    model = timm.create_model(timm_name, pretrained=False, num_classes=num_outputs)
+    if weights is not None:
+        load_backbone_weights(model, Path(weights))
+    return model
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """Tensors from a .safetensors file or a torch file, loaded safely (weights_only: no pickled code)."""
+    if not path.is_file():
+        raise WeightsError(f"--weights {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsError(
+            f"--weights {path} could not be read as a state dict or safetensors file: {error}"
+        ) from error
+    for key in ("state_dict", "model", "model_state_dict"):  # common training-checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise WeightsError(f"--weights {path} does not hold a state dict of tensors")
+    prefixes = ("module.", "backbone.", "model.")  # DDP, this repository's own checkpoints, other wrappers
+    for prefix in prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def load_backbone_weights(model: nn.Module, path: Path) -> None:
+    """Load every backbone tensor of `path` into `model`; the classifier head is left re-initialised.
+
+    torchvision state dicts are converted with timm's own filter where the names differ (VGG). Backbone
+    tensors that are missing or do not fit are an error, not a silent partial load.
+    """
+    state = read_state_dict(path)
+    module = sys.modules.get(type(model).__module__)
+    own_keys = set(model.state_dict())
+    if not set(state) & own_keys and module is not None:
+        for filter_name in ("checkpoint_filter_fn", "_filter_fn"):
+            filter_fn = getattr(module, filter_name, None)
+            if filter_fn is None:
+                continue
+            try:
+                state = filter_fn(state, model) if filter_name == "checkpoint_filter_fn" else filter_fn(state)
+            except TypeError:
+                state = filter_fn(state)
+            break
+    head_keys = {k for k in own_keys if k.startswith(_head_prefixes(model))}
+    own = model.state_dict()
+    backbone_state = {k: v for k, v in state.items() if k in own and k not in head_keys}
+    wrong_shape = [k for k, v in backbone_state.items() if v.shape != own[k].shape]
+    missing = sorted(own_keys - head_keys - set(backbone_state))
+    if wrong_shape or missing:
+        detail = f"shapes differ for {wrong_shape[:5]}" if wrong_shape else f"missing {missing[:5]}"
+        raise WeightsError(
+            f"--weights {path} does not fit backbone {type(model).__name__}: {detail} "
+            f"({len(missing)} missing tensors). Is it a state dict of the same architecture?"
+        )
+    model.load_state_dict(backbone_state, strict=False)
+    model.reset_classifier(model.num_classes)  # a fresh head for our classes, whatever the file held
+
+
+def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of the classifier head, from timm's own record of it ('fc', 'head.fc', ...)."""
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier", "fc")
+    names = [classifier] if isinstance(classifier, str) else list(classifier)
+    return tuple(f"{n}." for n in names)
+
+
+def freeze_all_but_head(model: nn.Module) -> None:
+    """Feature extraction (the lecture's pretrained case): only the classifier head learns."""
+    head = {id(p) for p in model.get_classifier().parameters()}
+    for param in model.parameters():
+        param.requires_grad = id(param) in head
+
+
+class ImbalanceClassifier(L.LightningModule):
+    """Backbone + loss, with exact epoch metrics of the positive class for train and val.
+
+    `config` is the run's `RunConfig.to_dict()`; it is saved in the checkpoint so evaluation can rebuild
+    the model, its input size and normalisation without repeating a flag.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        loss: nn.Module,
+        config: dict[str, Any],
+        class_counts: Sequence[int],
+        class_names: Sequence[str] = ("negative", "positive"),
+        image_size: int = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone", "loss"])
+        self.backbone = backbone
+        self.loss_fn = loss
+        self.class_names = tuple(class_names)
+        metrics = make_metrics()
+        self.train_metrics = metrics.clone(prefix="train/")
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.frozen_backbone = bool(config.get("freeze_backbone"))
+        if self.frozen_backbone:
+            freeze_all_but_head(self.backbone)
+        self._val_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.val_predictions: dict[str, Tensor] | None = None  # (index, label, prob) of the last val epoch
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(images)
+
+    def on_train_epoch_start(self) -> None:
+        if hasattr(self.loss_fn, "set_epoch"):  # e.g. LDAM's deferred re-weighting
+            self.loss_fn.set_epoch(self.current_epoch)
+        if self.frozen_backbone:  # keep the frozen backbone's batch-norm statistics as loaded
+            self.backbone.eval()
+            self.backbone.get_classifier().train()
+
+    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels, _ = batch
+        logits = self(images)
+        loss = self.loss_fn(logits, labels)
+        self.train_metrics.update(positive_probability(logits.detach()), labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self.log_dict(flatten_metrics(self.train_metrics.compute(), self.class_names))
+        self.train_metrics.reset()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        images, labels, indices = batch
+        logits = self(images)
+        loss = self.loss_fn(logits, labels)
+        probs = positive_probability(logits)
+        self.val_metrics.update(probs, labels)
+        self._val_outputs.append((indices, labels, probs))
+        # the batch-size-weighted mean over the epoch, synchronised once at the epoch's end
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(labels))
+
+    def on_validation_epoch_end(self) -> None:
+        values = flatten_metrics(self.val_metrics.compute(), self.class_names)
+        self.val_metrics.reset()
+        self.log_dict(values)  # already reduced over the epoch and all ranks by torchmetrics
+        self.val_predictions = self._gather_val_outputs()
+        self._val_outputs.clear()
+
+    def _gather_val_outputs(self) -> dict[str, Tensor]:
+        if self._val_outputs:
+            indices, labels, probs = (torch.cat(parts) for parts in zip(*self._val_outputs, strict=True))
+        else:
+            indices = labels = torch.zeros(0, dtype=torch.long, device=self.device)
+            probs = torch.zeros(0, device=self.device)
+        if self.trainer.world_size > 1:
+            from torchmetrics.utilities.distributed import gather_all_tensors  # handles unequal shard sizes
+
+            indices, labels, probs = (torch.cat(gather_all_tensors(t)) for t in (indices, labels, probs.float()))
+        order = torch.argsort(indices)
+        return {
+            "index": indices[order].cpu(),
+            "label": labels[order].cpu(),
+            "prob": probs[order].float().cpu(),
+        }
+
+    def configure_optimizers(self):
+        cfg = self.hparams.config
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg["epochs"]))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -1,0 +1,390 @@
+"""One training run, from a `RunConfig` to a run directory:
+
+    runs/<run-name>/
+        config.json       the resolved configuration
+        manifest.json     the exact train/val file lists (replay with --manifest)
+        skipped.csv       files the integrity scan rejected, with the reason
+        metrics.csv       one row per epoch: train/* and val/* metrics
+        summary.json      best and last val metrics, confusion matrix, thresholds, wall time, versions
+        predictions.csv   the best epoch's validation predictions (id, label, probability, prediction)
+        checkpoints/      best.ckpt (by val F1) and last.ckpt
+
+Only global rank 0 writes files; under DDP the other ranks train and compute metrics with it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import time
+from dataclasses import replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+
+from imbalance.config import ConfigError, RunConfig
+from imbalance.data import ImbalanceDataModule, SplitData, default_image_size, load_split
+from imbalance.io import atomic_write_json, atomic_write_text
+from imbalance.losses import build_loss
+from imbalance.metrics import best_f1_threshold, confusion_metrics
+from imbalance.model import ImbalanceClassifier, create_backbone
+
+RUN_NAME_ENV = "IMBALANCE_RUN_NAME"  # hands the parent's run name to the DDP worker processes it starts
+
+
+def say(message: str) -> None:
+    """One line for the user, printed by rank 0 only."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        print(f"[imbalance] {message}", flush=True)
+
+
+def hardware(cfg: RunConfig) -> dict[str, Any]:
+    """Trainer arguments for --gpus / --accelerator / --devices / --nodes."""
+    if cfg.gpus is not None:
+        available = torch.cuda.device_count()
+        if available < cfg.gpus:
+            raise ConfigError(
+                f"--gpus {cfg.gpus} asks for {cfg.gpus} GPU(s) but this machine has {available}. "
+                f"To run the same {cfg.gpus}-process DDP on CPU processes, use --accelerator cpu --devices {cfg.gpus}."
+            )
+        accelerator, devices = "gpu", cfg.gpus
+    else:
+        accelerator, devices = cfg.accelerator, cfg.devices or 1
+    if accelerator in ("gpu", "cuda") and cfg.gpus is None and torch.cuda.device_count() < devices:
+        raise ConfigError(
+            f"--accelerator {accelerator} --devices {devices}: this machine has "
+            f"{torch.cuda.device_count()} GPU(s); use --accelerator cpu --devices {devices}"
+        )
+    distributed = devices * cfg.nodes > 1
+    return {
+        "accelerator": accelerator,
+        "devices": devices,
+        "num_nodes": cfg.nodes,
+        "strategy": "ddp" if distributed else "auto",
+    }
+
+
+def default_precision(accelerator: str) -> str:
+    # bf16 autocast pays off on GPUs with bf16 tensor cores; on CPUs without native bf16 it is many times slower
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def resolve_run(cfg: RunConfig) -> tuple[str, Path]:
+    """The run's name and directory, the same in every DDP process."""
+    if cfg.resume:
+        if cfg.out is None and cfg.run_name is None:
+            raise ConfigError("--resume needs the run to continue: give its --out DIR or --run-name NAME")
+        run_dir = cfg.out or Path("runs") / cfg.run_name  # type: ignore[operator]
+        if not (run_dir / "checkpoints" / "last.ckpt").is_file():
+            raise ConfigError(f"--resume: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist; nothing to resume")
+        return cfg.run_name or run_dir.name, run_dir
+    name = cfg.run_name or os.environ.get(RUN_NAME_ENV)
+    if name is None:
+        data = "digits" if cfg.data_dir is None else (cfg.split or "all")
+        name = f"{cfg.loss}-{cfg.backbone}-{data}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
+    return name, cfg.out or Path("runs") / name
+
+
+def versions() -> dict[str, str]:
+    import lightning
+    import timm
+    import torchmetrics
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": lightning.__version__,
+        "timm": timm.__version__,
+        "torchmetrics": torchmetrics.__version__,
+        "machine": platform.machine(),
+    }
+
+
+def wandb_mode() -> str:
+    """'online' when W&B credentials exist (or WANDB_MODE says so), else 'offline'."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "online" if "api.wandb.ai" in netrc.read_text() else "offline"
+    except OSError:
+        return "offline"
+
+
+def make_logger(cfg: RunConfig, run_name: str, run_dir: Path):
+    if cfg.logger == "none" or cfg.fast_dev_run:
+        return False
+    if cfg.logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=run_dir, name="csv", version="")
+    if cfg.logger == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(save_dir=run_dir, name="tensorboard", version="")
+    from lightning.pytorch.loggers import WandbLogger
+
+    mode = wandb_mode()
+    id_file = run_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if cfg.resume and id_file.is_file() else None
+    logger = WandbLogger(
+        project=cfg.wandb_project,
+        name=run_name,
+        save_dir=str(run_dir),
+        id=run_id,
+        offline=mode == "offline",
+        mode=mode if mode == "disabled" else None,
+        resume="allow" if run_id else None,
+    )
+    if mode == "offline":
+        say(f"W&B is offline (no credentials found); upload later with: wandb sync {run_dir}/wandb/offline-run-*")
+    return logger
+
+
+class RunRecorder(Callback):
+    """Writes metrics.csv, summary.json and predictions.csv of the run directory (rank 0 only).
+
+    A row is completed when the next epoch starts (or fitting ends), because the module logs its train
+    epoch metrics in `on_train_epoch_end`, after every callback's hook of the same name.
+    """
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, split: SplitData, extra: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.cfg = cfg
+        self.split = split
+        self.extra = extra
+        self.history: list[dict[str, float]] = []
+        self.pending: dict[str, float] | None = None
+        self.best: dict[str, Any] | None = None
+        self.best_predictions: dict[str, np.ndarray] | None = None
+        self.started = time.time()
+        self.previous_wall_time = 0.0  # time spent before a --resume
+
+    # state travels in the checkpoint, so --resume continues the same history and best epoch
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history,
+            "pending": self.pending,
+            "best": self.best,
+            "wall_time": self.previous_wall_time + time.time() - self.started,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history, self.pending, self.best = state["history"], state["pending"], state["best"]
+        self.previous_wall_time = state["wall_time"]
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
+        logger = trainer.logger
+        if trainer.is_global_zero and type(logger).__name__ == "WandbLogger":
+            # --resume reads this to continue the same W&B run
+            atomic_write_text(self.run_dir / "wandb_id.txt", logger.experiment.id)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
+        # on_validation_end, not on_validation_epoch_end: the module logs its val metrics in the latter,
+        # after the callbacks' hooks of that name have run
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.pending = {"epoch": trainer.current_epoch, **metrics}
+        f1 = metrics.get("val/f1", float("nan"))
+        if self.best is None or f1 > self.best["metrics"].get("val/f1", -1.0):
+            self.best = {"epoch": trainer.current_epoch, "metrics": metrics}
+            predictions = pl_module.val_predictions
+            if predictions is not None:
+                self.best_predictions = {k: v.numpy() for k, v in predictions.items()}
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
+        self._complete_row(trainer)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
+        self._complete_row(trainer)
+        if trainer.is_global_zero:
+            self.write_summary(trainer)
+
+    def _complete_row(self, trainer: L.Trainer) -> None:
+        if self.pending is None:
+            return
+        train = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if k.startswith("train/") and not k.endswith("_step")
+        }
+        self.history.append({**self.pending, **train})
+        self.pending = None
+        if trainer.is_global_zero:
+            self._write_metrics_csv()
+
+    @rank_zero_only
+    def _write_metrics_csv(self) -> None:
+        columns = list(dict.fromkeys(k for row in self.history for k in row))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.run_dir / "metrics.csv", buffer.getvalue())
+
+    def write_summary(self, trainer: L.Trainer) -> dict[str, Any]:
+        summary: dict[str, Any] = {
+            "run_dir": str(self.run_dir),
+            "data": self.split.source,
+            "class_names": {"negative": self.split.class_names[0], "positive": self.split.class_names[1]},
+            "train_counts": dict(zip(self.split.class_names, self.split.train_counts, strict=True)),
+            "val_counts": dict(zip(self.split.class_names, self.split.val_counts, strict=True)),
+            "skipped_files": len(self.split.skipped),
+            "epochs_completed": len(self.history),
+            "best": self.best,
+            "last": {"epoch": self.history[-1]["epoch"], "metrics": self.history[-1]} if self.history else None,
+            "config": self.cfg.to_dict(),
+            "wall_time_s": round(self.previous_wall_time + time.time() - self.started, 2),
+            "versions": versions(),
+            **self.extra,
+        }
+        if self.best is not None:
+            m = self.best["metrics"]
+            summary["confusion_matrix"] = {
+                "rows": "true class",
+                "columns": "predicted class",
+                "labels": list(self.split.class_names),
+                "matrix": [[m.get("val/tn"), m.get("val/fp")], [m.get("val/fn"), m.get("val/tp")]],
+            }
+        if self.best_predictions is not None:
+            summary.update(self._thresholds())
+            self._write_predictions()
+        atomic_write_json(self.run_dir / "summary.json", summary)
+        return summary
+
+    def _thresholds(self) -> dict[str, Any]:
+        labels, probs = self.best_predictions["label"], self.best_predictions["prob"]
+        out: dict[str, Any] = {"at_threshold_0.5": confusion_metrics(labels, probs, 0.5)}
+        if self.cfg.tune_threshold:
+            t = best_f1_threshold(labels, probs)
+            out["tuned_threshold"] = {
+                "note": "threshold chosen to maximise F1 on this same validation set: optimistic",
+                **confusion_metrics(labels, probs, t),
+            }
+        if self.cfg.posthoc_la is not None:
+            counts = np.asarray(self.split.train_counts, dtype=np.float64)
+            shift = self.cfg.posthoc_la * (np.log(counts[1]) - np.log(counts[0]))
+            p = np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12)
+            adjusted = 1 / (1 + np.exp(-(np.log(p) - np.log1p(-p) - shift)))
+            out["posthoc_logit_adjusted"] = {
+                "tau": self.cfg.posthoc_la,
+                **confusion_metrics(labels, adjusted, 0.5),
+            }
+        return out
+
+    def _write_predictions(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "label", "prob_positive", "prediction"])
+        items = self.split.val
+        for index, label, prob in zip(*(self.best_predictions[k] for k in ("index", "label", "prob")), strict=True):
+            writer.writerow([items[int(index)][0], int(label), f"{float(prob):.6f}", int(prob > 0.5)])
+        atomic_write_text(self.run_dir / "predictions.csv", buffer.getvalue())
+
+
+def prepare(cfg: RunConfig):
+    """Everything before the Trainer: the split, the loss, the backbone, the data module and the module."""
+    split = load_split(cfg)
+    say(
+        f"data: {split.source}; train {split.train_counts[1]} {split.class_names[1]} / {split.train_counts[0]} "
+        f"{split.class_names[0]}, val {split.val_counts[1]} / {split.val_counts[0]}"
+        + (f"; {len(split.skipped)} unusable files skipped" if split.skipped else "")
+    )
+    loss = build_loss(cfg, split.train_counts)
+    backbone = create_backbone(cfg.backbone, loss.num_outputs, cfg.pretrained, cfg.weights)
+    image_size = cfg.image_size or default_image_size(split)
+    data_cfg = backbone.pretrained_cfg
+    mean, std = (
+        tuple(data_cfg.get("mean", (0.485, 0.456, 0.406))),
+        tuple(data_cfg.get("std", (0.229, 0.224, 0.225))),
+    )
+    num_workers = (
+        cfg.num_workers if cfg.num_workers is not None else (0 if split.root is None else min(8, os.cpu_count() or 1))
+    )
+    datamodule = ImbalanceDataModule(split, image_size, mean, std, cfg.batch_size, cfg.sampling, cfg.seed, num_workers)
+    module = ImbalanceClassifier(
+        backbone, loss, cfg.to_dict(), split.train_counts, split.class_names, image_size, mean, std
+    )
+    return split, module, datamodule
+
+
+def fit(cfg: RunConfig) -> dict[str, Any]:
+    """Train one run; return its summary (also written to summary.json on rank 0)."""
+    cfg.validate()
+    hw = hardware(cfg)
+    run_name, run_dir = resolve_run(cfg)
+    cfg = replace(cfg, run_name=run_name, out=run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    split, module, datamodule = prepare(cfg)
+    if not cfg.fast_dev_run:
+        _write_run_files(run_dir, cfg, split)
+
+    checkpoint = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor="val/f1",
+        mode="max",
+        save_last=True,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    recorder = RunRecorder(run_dir, cfg, split, {"global_batch_size": cfg.batch_size * hw["devices"] * hw["num_nodes"]})
+    trainer = L.Trainer(
+        max_epochs=cfg.epochs,
+        precision=cfg.precision or default_precision(hw["accelerator"]),
+        deterministic="warn" if cfg.deterministic else None,
+        logger=make_logger(cfg, run_name, run_dir),
+        callbacks=[checkpoint, recorder],
+        default_root_dir=run_dir,
+        fast_dev_run=cfg.fast_dev_run,
+        use_distributed_sampler=False,  # our samplers shard exactly (see imbalance.sampling)
+        log_every_n_steps=10,
+        enable_model_summary=False,
+        **hw,
+    )
+    say(
+        f"run {run_name}: {cfg.backbone}, loss {cfg.loss}, {hw['devices'] * hw['num_nodes']} x {hw['accelerator']}, "
+        f"{cfg.epochs} epochs, directory {run_dir}"
+    )
+    os.environ[RUN_NAME_ENV] = run_name  # DDP workers re-run the command line: give them the same name
+    try:
+        ckpt_path = run_dir / "checkpoints" / "last.ckpt" if cfg.resume else None
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        os.environ.pop(RUN_NAME_ENV, None)
+    if cfg.fast_dev_run or not trainer.is_global_zero:
+        return {"run_dir": str(run_dir), "fast_dev_run": cfg.fast_dev_run}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = summary.get("best") or {}
+    metrics = best.get("metrics", {})
+    say(
+        f"best val F1 {metrics.get('val/f1', float('nan')):.4f} (precision {metrics.get('val/precision', float('nan')):.4f}, "
+        f"recall {metrics.get('val/recall', float('nan')):.4f}) at epoch {best.get('epoch')}; summary: {run_dir / 'summary.json'}"
+    )
+    return summary
+
+
+@rank_zero_only
+def _write_run_files(run_dir: Path, cfg: RunConfig, split: SplitData) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    atomic_write_json(run_dir / "manifest.json", split.manifest())
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["path", "reason"])
+    writer.writerows(split.skipped)
+    atomic_write_text(run_dir / "skipped.csv", buffer.getvalue())
