@@ -190,7 +190,7 @@ def check_image(path: str) -> str | None:
         return f"refused as a decompression bomb: {error}"
     except (OSError, SyntaxError, ValueError) as error:
         text = str(error)
-        if "truncated" in text:
+        if "truncated" in text.lower():
             return f"truncated image: {text}"
         if "cannot identify image file" in text:
             return "not an image (undecodable)"

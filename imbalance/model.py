@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +33,7 @@ class WeightsError(RuntimeError):
 def resolve_backbone_name(name: str) -> str:
     resolved = BACKBONE_ALIASES.get(name.lower(), name)
     if not timm.is_model(resolved):
-        close = timm.list_models(f"*{name.lower()}*")[:8]
+        close = difflib.get_close_matches(name.lower(), timm.list_models(), n=6, cutoff=0.6)
         hint = f"; similar timm names: {', '.join(close)}" if close else ""
         raise ConfigError(
             f"--backbone {name!r} is neither an alias ({', '.join(BACKBONE_ALIASES)}) nor a timm model{hint}"

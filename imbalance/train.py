@@ -368,6 +368,8 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
         os.environ.pop(RUN_NAME_ENV, None)
     if cfg.fast_dev_run or not trainer.is_global_zero:
         return {"run_dir": str(run_dir), "fast_dev_run": cfg.fast_dev_run}
+    if type(trainer.logger).__name__ == "WandbLogger":
+        trainer.logger.experiment.finish()  # flush and close now: the next run in this process gets its own
     summary = json.loads((run_dir / "summary.json").read_text())
     best = summary.get("best") or {}
     metrics = best.get("metrics", {})

@@ -1,0 +1,201 @@
+"""Layouts, the lecture's split presets, the integrity scan and manifests, on trees the tests write."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_class_tree, write_image
+
+from imbalance.config import RunConfig
+from imbalance.data import (
+    DataError,
+    ImageDataset,
+    discover,
+    embedded_digits,
+    load_split,
+    make_transform,
+    scan_images,
+)
+
+
+def messy_petimages(root: Path) -> Path:
+    """PetImages with the archive's kinds of trouble and odd image sizes and modes."""
+    make_class_tree(root, {"Cat": 20, "Dog": 40}, size=(37, 53))
+    write_image(root / "Cat" / "100.jpg", size=(61, 17), mode="L")
+    write_image(root / "Cat" / "101.jpg", size=(33, 33), mode="CMYK")
+    write_image(root / "Dog" / "100.png", size=(25, 44), mode="P", fmt="PNG")
+    write_image(root / "Dog" / "101.png", size=(25, 44), mode="RGBA", fmt="PNG")
+    (root / "Cat" / "666.jpg").write_bytes(b"")  # zero bytes, like the archive's Cat/666.jpg
+    good = (root / "Dog" / "0.jpg").read_bytes()
+    (root / "Dog" / "11702.jpg").write_bytes(good[: len(good) // 2])  # truncated JPEG
+    (root / "Dog" / "notes.jpg").write_text("this is not an image")
+    (root / "Cat" / "Thumbs.db").write_bytes(b"\x00" * 64)
+    (root / ".hidden").mkdir()
+    write_image(root / ".hidden" / "x.jpg")
+    (root / "Empty").mkdir()
+    return root
+
+
+def test_petimages_layout_scan_skips_bad_files(tmp_path):
+    root = messy_petimages(tmp_path / "PetImages")
+    found = discover(root)
+    assert found.layout == "petimages"
+    assert sorted(found.files) == ["Cat", "Dog"]
+    all_files = [p for files in found.files.values() for p in files]
+    bad = {Path(p).name: reason for p, reason in scan_images(all_files, root).items()}
+    assert set(bad) == {"666.jpg", "11702.jpg", "notes.jpg"}
+    assert "empty" in bad["666.jpg"]
+    assert bad["11702.jpg"].startswith("truncated")
+    assert "not an image" in bad["notes.jpg"]
+
+
+def test_scan_is_cached_and_notices_changed_files(tmp_path, monkeypatch):
+    root = messy_petimages(tmp_path / "PetImages")
+    files = [p for fs in discover(root).files.values() for p in fs]
+    first = scan_images(files, root)
+    calls = []
+    import imbalance.data as data
+
+    monkeypatch.setattr(data, "check_image", lambda p: calls.append(p) or None)
+    assert scan_images(files, root) == first and calls == []  # everything from the cache
+    write_image(root / "Cat" / "666.jpg", seed=5)  # the broken file is replaced by a good one
+    scan_images(files, root)
+    assert [Path(p).name for p in calls] == ["666.jpg"]
+
+
+def test_modes_are_converted_to_rgb(tmp_path):
+    root = messy_petimages(tmp_path / "PetImages")
+    split = load_split(RunConfig(data_dir=root, seed=0))
+    dataset = ImageDataset(split.train + split.val, split.root, make_transform(24, (0.5,) * 3, (0.5,) * 3, False, True))
+    for i in range(len(dataset)):
+        image, label, index = dataset[i]
+        assert image.shape == (3, 24, 24) and index == i
+
+
+def test_default_split_is_stratified_disjoint_and_skips_bad_files(tmp_path):
+    root = messy_petimages(tmp_path / "PetImages")
+    split = load_split(RunConfig(data_dir=root, seed=3))
+    assert split.class_names == ("Dog", "Cat")
+    assert len(split.skipped) == 3
+    train_paths = {p for p, _ in split.train}
+    val_paths = {p for p, _ in split.val}
+    assert not train_paths & val_paths
+    assert sum(split.train_counts) + sum(split.val_counts) == 22 + 42  # usable images only
+    assert all(label == int(p.startswith("Cat")) for p, label in split.train + split.val)
+
+
+def test_kaggle_flat_layout(tmp_path):
+    root = tmp_path / "train"
+    for i in range(6):
+        write_image(root / f"cat.{i}.jpg", seed=i)
+    for i in range(9):
+        write_image(root / f"dog.{i}.jpg", seed=100 + i)
+    found = discover(tmp_path)  # the wrapper folder is looked through
+    assert found.layout == "kaggle" and len(found.files["cat"]) == 6 and len(found.files["dog"]) == 9
+    split = load_split(RunConfig(data_dir=tmp_path, train_counts=(4, 7), val_counts=(2, 2)))
+    assert split.train_counts == [7, 4] and split.val_counts == [2, 2]
+
+
+def test_presplit_layout_is_used_as_given(tmp_path):
+    root = tmp_path / "cats_and_dogs"
+    make_class_tree(root / "train", {"cat": 5, "dog": 8})
+    make_class_tree(root / "validation", {"cat": 3, "dog": 4})
+    split = load_split(RunConfig(data_dir=root))
+    assert split.layout == "presplit"
+    assert split.train_counts == [8, 5] and split.val_counts == [4, 3]
+    with pytest.raises(DataError, match="used as given"):
+        load_split(RunConfig(data_dir=root, split="imbalanced-1", scale=0.001))
+
+
+def test_any_two_class_imagefolder_with_positive_class(tmp_path):
+    root = make_class_tree(tmp_path / "birds", {"Robin": 6, "Sparrow": 9})
+    split = load_split(RunConfig(data_dir=root, positive_class="robin"))
+    assert split.class_names == ("Sparrow", "Robin")
+    with pytest.raises(DataError, match="--positive-class 'cat' is not one of"):
+        load_split(RunConfig(data_dir=root))
+
+
+def test_unknown_layout_error_lists_what_was_found(tmp_path):
+    make_class_tree(tmp_path / "three", {"a": 2, "b": 2, "c": 2})
+    with pytest.raises(DataError, match=r"no supported layout.*a/ \(2 images\)"):
+        discover(tmp_path / "three")
+    with pytest.raises(DataError, match="does not exist"):
+        discover(tmp_path / "nope")
+
+
+@pytest.fixture
+def big_pool(tmp_path) -> Path:
+    # 120 cats, 130 dogs: enough for every preset at scale 0.008 (balanced: 88+12 per class)
+    return make_class_tree(tmp_path / "PetImages", {"Cat": 120, "Dog": 130}, learnable=False, size=(8, 8))
+
+
+def test_presets_share_validation_and_nest_training_sets(big_pool):
+    splits = {
+        name: load_split(RunConfig(data_dir=big_pool, split=name, scale=0.008, seed=1))
+        for name in ("balanced", "imbalanced-1", "imbalanced-2", "intro-balanced")
+    }
+    # 1500 -> 12 per class for validation; 11000 -> 88, 1000 -> 8, 500 -> 4, 6000 -> 48
+    assert splits["balanced"].train_counts == [88, 88]
+    assert splits["imbalanced-1"].train_counts == [88, 8]
+    assert splits["imbalanced-2"].train_counts == [88, 4]
+    assert splits["intro-balanced"].train_counts == [48, 48]
+    vals = {name: s.val for name, s in splits.items()}
+    assert all(v == vals["balanced"] for v in vals.values()) and splits["balanced"].val_counts == [12, 12]
+    cats = {name: {p for p, label in s.train if label == 1} for name, s in splits.items()}
+    assert cats["imbalanced-2"] < cats["imbalanced-1"] < cats["intro-balanced"] < cats["balanced"]
+    for s in splits.values():
+        assert not {p for p, _ in s.train} & {p for p, _ in s.val}
+
+
+def test_split_depends_on_seed_only(big_pool):
+    a = load_split(RunConfig(data_dir=big_pool, split="imbalanced-1", scale=0.008, seed=1))
+    b = load_split(RunConfig(data_dir=big_pool, split="imbalanced-1", scale=0.008, seed=2))
+    assert a.val != b.val
+    code = (
+        "import json,sys; from pathlib import Path; from imbalance.config import RunConfig; "
+        "from imbalance.data import load_split; "
+        "s=load_split(RunConfig(data_dir=Path(sys.argv[1]), split='imbalanced-1', scale=0.008, seed=1)); "
+        "print(json.dumps(s.manifest()['sha256']))"
+    )
+    other_process = subprocess.run(
+        [sys.executable, "-c", code, str(big_pool)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "123", **__import__("os").environ},
+    )
+    assert json.loads(other_process.stdout.strip().splitlines()[-1]) == a.manifest()["sha256"]
+
+
+def test_pool_too_small_error_suggests_scale(big_pool):
+    with pytest.raises(DataError, match=r"'Cat' has 120 usable images but the split asks for 12500.*--scale 0\.00"):
+        load_split(RunConfig(data_dir=big_pool, split="balanced"))
+
+
+def test_manifest_replays_exactly_and_detects_edits(big_pool, tmp_path):
+    split = load_split(RunConfig(data_dir=big_pool, split="imbalanced-2", scale=0.008, seed=4))
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(split.manifest()))
+    replay = load_split(RunConfig(manifest=path))
+    assert replay.train == split.train and replay.val == split.val
+    edited = json.loads(path.read_text())
+    edited["train"].pop()
+    path.write_text(json.dumps(edited))
+    with pytest.raises(DataError, match="sha256"):
+        load_split(RunConfig(manifest=path))
+
+
+def test_embedded_digits_is_imbalanced_and_stratified():
+    split = embedded_digits(seed=0)
+    assert split.class_names == ("not-8", "8")
+    n_pos, n_neg = split.train_counts[1] + split.val_counts[1], split.train_counts[0] + split.val_counts[0]
+    assert n_pos == 174 and n_neg == 1797 - 174
+    assert split.val_counts[1] == round(0.25 * 174)
+    image, label, _ = ImageDataset(split.val, None, make_transform(32, (0.5,) * 3, (0.5,) * 3, False, False))[0]
+    assert image.shape == (3, 32, 32) and isinstance(label, int)
+    assert torch.isfinite(image).all()

@@ -1,0 +1,81 @@
+"""Backbones: aliases, --weights really loads (tensors compared), the head is re-initialised, errors."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from imbalance.config import ConfigError
+from imbalance.model import WeightsError, create_backbone, freeze_all_but_head, resolve_backbone_name
+
+
+def test_aliases_and_unknown_names():
+    assert resolve_backbone_name("vgg16") == "vgg16"
+    assert resolve_backbone_name("ResNet") == "resnet18"
+    assert resolve_backbone_name("convnext_atto") == "convnext_atto"
+    with pytest.raises(ConfigError, match="--backbone 'resnet_19'.*similar timm names"):
+        resolve_backbone_name("resnet_19")
+
+
+@pytest.mark.parametrize("name", ["test_resnet", "test_convnext"])
+@pytest.mark.parametrize("fmt", ["pt", "safetensors", "wrapped"])
+@pytest.mark.parametrize("file_classes", [2, 1000])
+def test_weights_load_backbone_and_reinitialise_head(tmp_path, name, fmt, file_classes):
+    torch.manual_seed(0)
+    source = timm.create_model(name, num_classes=file_classes)
+    head = source.pretrained_cfg["classifier"]
+    with torch.no_grad():
+        source.get_classifier().weight.fill_(7.0)  # a head that must not survive the load
+    state = source.state_dict()
+    path = tmp_path / f"weights.{'safetensors' if fmt == 'safetensors' else 'pt'}"
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    elif fmt == "wrapped":
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, path)
+    else:
+        torch.save(state, path)
+    torch.manual_seed(1)
+    model = create_backbone(name, num_outputs=2, weights=path)
+    loaded = model.state_dict()
+    backbone_keys = [k for k in state if not k.startswith(head + ".")]
+    assert len(backbone_keys) > 10
+    for key in backbone_keys:
+        torch.testing.assert_close(loaded[key], state[key], msg=key)
+    assert model.get_classifier().out_features == 2
+    assert not (loaded[head + ".weight"] == 7.0).any()  # re-initialised, not copied from the file
+
+
+def test_weights_of_another_architecture_are_an_error(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(timm.create_model("test_convnext").state_dict(), path)
+    with pytest.raises(WeightsError, match="does not fit backbone"):
+        create_backbone("test_resnet", 2, weights=path)
+    with pytest.raises(WeightsError, match="does not exist"):
+        create_backbone("test_resnet", 2, weights=tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="could not be read"):
+        create_backbone("test_resnet", 2, weights=tmp_path / "junk.pt")
+
+
+def test_torchvision_resnet_state_dict_loads(tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    source = torchvision.models.resnet18(num_classes=1000)
+    torch.save(source.state_dict(), tmp_path / "tv.pth")
+    model = create_backbone("resnet18", 2, weights=tmp_path / "tv.pth")
+    torch.testing.assert_close(
+        model.state_dict()["layer4.1.conv2.weight"], source.state_dict()["layer4.1.conv2.weight"]
+    )
+
+
+def test_pretrained_without_network_names_weights_flag():
+    with pytest.raises(WeightsError, match="--weights PATH"):
+        create_backbone("resnet18", 2, pretrained=True)
+
+
+def test_freeze_trains_only_the_head():
+    model = timm.create_model("test_resnet", num_classes=2)
+    freeze_all_but_head(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fc.weight", "fc.bias"}

@@ -1,0 +1,156 @@
+"""The run and evaluate command lines end to end, on the embedded digits and on generated photos."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+from sklearn import metrics as skm
+from wandb_records import history_rows
+
+from experiments import evaluate as evaluate_cli
+from experiments import run as run_cli
+from imbalance.config import RunConfig
+from imbalance.train import prepare
+
+TINY = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "64"]
+
+
+def run(args: list[str]) -> dict:
+    assert run_cli.main(args) == 0
+    out = Path(args[args.index("--out") + 1])
+    return json.loads((out / "summary.json").read_text())
+
+
+def test_embedded_default_end_to_end(tmp_path, capsys):
+    summary = run([*TINY, "--loss", "focal", "--epochs", "2", "--logger", "csv", "--out", "runs/digits"])
+    assert "embedded digits" in capsys.readouterr().out
+    best = summary["best"]["metrics"]
+    for key in ("val/precision", "val/recall", "val/f1"):
+        assert math.isfinite(best[key]) and 0 <= best[key] <= 1
+    run_dir = tmp_path / "runs" / "digits"
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [0, 1]
+    assert all(r["val/f1"] != "" and r["train/f1"] != "" for r in rows)
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    for name in ("config.json", "manifest.json", "predictions.csv", "skipped.csv"):
+        assert (run_dir / name).is_file(), name
+    assert summary["train_counts"] == {"not-8": 1217, "8": 130}
+    assert summary["config"]["loss"] == "focal" and summary["wall_time_s"] > 0
+    cm = summary["confusion_matrix"]["matrix"]
+    assert cm[0][0] == best["val/tn"] and cm[1][1] == best["val/tp"] and sum(map(sum, cm)) == 450
+
+
+def test_wandb_offline_run_holds_per_epoch_val_f1(tmp_path, capsys):
+    run([*TINY, "--epochs", "2", "--logger", "wandb", "--out", "runs/wb"])
+    assert "wandb sync" in capsys.readouterr().out
+    rows = [r for r in history_rows(tmp_path / "runs" / "wb") if "val/f1" in r]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    metrics = list(csv.DictReader((tmp_path / "runs" / "wb" / "metrics.csv").open()))
+    assert [r["val/f1"] for r in rows] == pytest.approx([float(m["val/f1"]) for m in metrics])
+    assert (tmp_path / "runs" / "wb" / "wandb_id.txt").read_text().strip()
+
+
+def test_photos_run_and_evaluate_match_sklearn(pet_tree, tmp_path):
+    summary = run(
+        [
+            *TINY,
+            "--data-dir",
+            str(pet_tree),
+            "--epochs",
+            "3",
+            "--logger",
+            "none",
+            "--loss",
+            "weighted",
+            "--num-workers",
+            "0",
+            "--tune-threshold",
+            "--out",
+            "runs/pets",
+        ]
+    )
+    assert summary["train_counts"]["Cat"] + summary["val_counts"]["Cat"] == 30
+    assert "tuned_threshold" in summary and "optimistic" in summary["tuned_threshold"]["note"]
+    ckpt = tmp_path / "runs" / "pets" / "checkpoints" / "best.ckpt"
+    assert (
+        evaluate_cli.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--data-dir",
+                str(pet_tree),
+                "--out",
+                "eval",
+                "--threshold",
+                "0.3",
+                "--bootstrap",
+                "200",
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    rows = list(csv.DictReader((tmp_path / "eval" / "predictions.csv").open()))
+    assert len(rows) == metrics["images"] == 120
+    labels = [int(r["label"]) for r in rows]
+    probs = [float(r["prob_positive"]) for r in rows]
+    assert all(int(r["label"]) == int(r["path"].startswith("Cat")) for r in rows)
+    for threshold, key in ((0.5, "at_threshold_0.5"), (0.3, "at_threshold")):
+        pred = [int(p > threshold) for p in probs]
+        assert metrics[key]["f1"] == pytest.approx(skm.f1_score(labels, pred, zero_division=0), abs=1e-4)
+        assert metrics[key]["precision"] == pytest.approx(skm.precision_score(labels, pred, zero_division=0), abs=1e-4)
+        assert metrics[key]["recall"] == pytest.approx(skm.recall_score(labels, pred, zero_division=0), abs=1e-4)
+    assert metrics["average_precision"] == pytest.approx(skm.average_precision_score(labels, probs), abs=1e-3)
+    ci = metrics["at_threshold_0.5"]["f1_ci95"]
+    assert ci["low"] <= metrics["at_threshold_0.5"]["f1"] <= ci["high"]
+
+
+def test_evaluate_defaults_to_the_runs_validation_split(tmp_path):
+    summary = run([*TINY, "--epochs", "1", "--logger", "none", "--out", "runs/d"])
+    ckpt = tmp_path / "runs" / "d" / "checkpoints" / "best.ckpt"
+    evaluate_cli.main(["--checkpoint", str(ckpt), "--out", "ev", "--bootstrap", "0"])
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["images"] == 450
+    assert metrics["at_threshold_0.5"]["f1"] == pytest.approx(summary["best"]["metrics"]["val/f1"], abs=1e-6)
+
+
+def test_fast_dev_run_smoke():
+    cfg = RunConfig(backbone="test_resnet", image_size=32, loss="ldam", fast_dev_run=True).validate()
+    _, module, datamodule = prepare(cfg)
+    trainer = L.Trainer(
+        fast_dev_run=True, accelerator="cpu", logger=False, use_distributed_sampler=False, enable_progress_bar=False
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.state.finished
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data-dir", "no/such/folder"], "--data-dir no/such/folder does not exist"),
+        (["--gpus", "2"], "--accelerator cpu --devices 2"),
+        (["--gamma", "2"], "--gamma is a focal-loss option"),
+        (["--class-weights", "6,0.55"], "--class-weights needs --loss weighted"),
+        (["--pretrained", "--weights", "w.pt"], "give only one of them"),
+        (["--freeze-backbone"], "add --pretrained or --weights"),
+        (["--split", "imbalanced-1"], "Add --data-dir"),
+        (["--backbone", "resnet_19"], "--backbone 'resnet_19'"),
+        (["--loss", "ldam", "--drw-epoch", "-1", "--pretrained"], "--pretrained"),
+    ],
+)
+def test_bad_options_are_clear_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli.main([*args, "--epochs", "1", "--logger", "none"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_flag_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        run_cli.main(["--lossy", "ce"])
+    assert "unrecognized arguments: --lossy" in capsys.readouterr().err
