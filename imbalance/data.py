@@ -410,8 +410,18 @@ class ImageDataset(Dataset):
                 f"{path} could not be decoded although the scan accepted it ({error}); was it modified during the run?"
             ) from error
 
-    def __getitem__(self, index: int):
-        return self.transform(self.load_image(index)), self.items[index][1], index
+    def __getitem__(self, key: int | tuple[int, int]):
+        """`key` is an index, or (index, augmentation seed) from a training `EpochSampler`."""
+        if isinstance(key, tuple):
+            index, aug_seed = key
+            image = self.load_image(index)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(aug_seed)
+                tensor = self.transform(image)
+        else:
+            index = key
+            tensor = self.transform(self.load_image(index))
+        return tensor, self.items[index][1], index
 
 
 def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool, photos: bool):

@@ -74,13 +74,19 @@ class EpochSampler(Sampler[int]):
             return len(range(self.rank, total, self.num_replicas))
         return math.ceil(total / self.num_replicas)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[tuple[int, int]]:
         draw = self.draw()
-        shard = draw[self.rank :: self.num_replicas]
+        positions = np.arange(len(draw))[self.rank :: self.num_replicas]
         length = self._shard_length(len(draw))
-        if len(shard) < length:  # pad a short training shard so all ranks take the same number of steps
-            shard = np.concatenate([shard, shard[: length - len(shard)]])
-        return iter(shard.tolist())
+        if len(positions) < length:  # pad a short training shard so all ranks take the same number of steps
+            positions = np.concatenate([positions, positions[: length - len(positions)]])
+        if self.mode == "sequential":
+            return iter(draw[positions].tolist())
+        # Training items carry their own augmentation seed, a function of (seed, epoch, position in the
+        # draw): augmentation then does not depend on worker count, rank or process restarts, so a resumed
+        # run sees exactly the images an uninterrupted one would. Oversampled copies get different seeds.
+        aug_seeds = ((self.seed * 1_000_003 + self.epoch) * 100_000_007 + positions) % (2**63 - 1)
+        return iter(zip(draw[positions].tolist(), aug_seeds.tolist(), strict=True))
 
     def draw_length(self) -> int:
         """Length of every epoch's draw: it depends on the class counts only, not on the random draw."""

@@ -19,6 +19,7 @@ import io
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -354,6 +355,7 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
         use_distributed_sampler=False,  # our samplers shard exactly (see imbalance.sampling)
         log_every_n_steps=10,
         enable_model_summary=False,
+        enable_progress_bar=sys.stderr.isatty(),  # a progress bar in a log file is megabytes of noise
         **hw,
     )
     say(

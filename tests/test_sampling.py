@@ -37,7 +37,17 @@ def test_draw_depends_on_seed_and_epoch_only(mode):
     assert not np.array_equal(a.draw(3), a.draw(4))
     assert not np.array_equal(a.draw(3), EpochSampler(LABELS, mode, seed=2).draw(3))
     a.set_epoch(5)
-    assert list(a) == a.draw(5).tolist() and len(a) == len(a.draw(5))
+    assert [i for i, _ in a] == a.draw(5).tolist() and len(a) == len(a.draw(5))
+    b.set_epoch(5)
+    assert list(a) == list(b)  # indices and augmentation seeds
+
+
+def test_oversampled_copies_get_distinct_augmentation_seeds_that_shards_share():
+    single = EpochSampler(LABELS, "over", seed=3)
+    pairs = list(single)
+    assert len({aug for _, aug in pairs}) == len(pairs)
+    shards = [list(EpochSampler(LABELS, "over", seed=3, num_replicas=2, rank=r)) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(pairs)
 
 
 @pytest.mark.parametrize("mode", ["none", "over", "under"])
@@ -49,7 +59,7 @@ def test_union_of_shards_is_the_single_process_draw(mode, replicas):
     for rank in range(replicas):
         sampler = EpochSampler(LABELS, mode, seed=7, num_replicas=replicas, rank=rank)
         sampler.set_epoch(2)
-        shards.append(list(sampler))
+        shards.append([index for index, _ in sampler])
         assert len(shards[-1]) == len(sampler)
     assert len({len(s) for s in shards}) == 1  # same number of steps on every rank
     draw = single.draw(2).tolist()
