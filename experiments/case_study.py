@@ -17,8 +17,11 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m experiments.case_study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.case_study",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--grid", type=Path, default=Path("experiments/case_study.yaml"), help="the grid YAML")
     p.add_argument("--data-dir", type=Path, help="photo folder (default: the embedded digits)")
     p.add_argument("--scale", type=float, help="multiply every split count (e.g. 0.25 on a CPU)")
@@ -46,8 +49,15 @@ def main(argv: list[str] | None = None) -> int:
         if not cells:
             parser.exit(2, f"error: --only {args.only!r} matches no cell of {args.grid}\n")
         results = args.results or Path("results") / grid.name
-        overrides = {"data_dir": args.data_dir, "scale": args.scale, "image_size": args.image_size,
-                     "epochs": args.epochs, "backbone": args.backbone, "gpus": args.gpus, "logger": args.logger}
+        overrides = {
+            "data_dir": args.data_dir,
+            "scale": args.scale,
+            "image_size": args.image_size,
+            "epochs": args.epochs,
+            "backbone": args.backbone,
+            "gpus": args.gpus,
+            "logger": args.logger,
+        }
         plans = plan_runs(grid, cells, results, overrides, args.seeds)
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")
@@ -60,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     failures = execute(plans)
     command = "python -m experiments.case_study " + shlex.join(argv if argv is not None else sys.argv[1:])
-    header = (f"# Case study: {grid.name}\n\nRegenerate with `{command}`.\n"
-              f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
-              f"({platform.processor() or 'cpu'}), this invocation's wall time {time.time() - started:.0f} s. "
-              "Metrics are those of the last epoch on the validation split (no selection on validation) unless "
-              "the method says otherwise; mean ± sample std over seeds.")
+    header = (
+        f"# Case study: {grid.name}\n\nRegenerate with `{command}`.\n"
+        f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
+        f"({platform.processor() or 'cpu'}), this invocation's wall time {time.time() - started:.0f} s. "
+        "Metrics are those of the last epoch on the validation split (no selection on validation) unless "
+        "the method says otherwise; mean ± sample std over seeds."
+    )
     write_results(grid, cells, results, args.seeds, header)
     print(f"table: {results / 'table.md'}")
     for plan, reason in failures:

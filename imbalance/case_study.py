@@ -152,7 +152,9 @@ def execute(plans: list[Plan], log: Any = print) -> list[tuple[Plan, str]]:
         log(f"[{i}/{len(plans)}] {plan.cell.id} seed {plan.seed}: python -m experiments.run {' '.join(plan.args)}")
         started = time.time()
         with open(plan.run_dir / "run.log", "w") as out:
-            code = subprocess.call([sys.executable, "-m", "experiments.run", *plan.args], stdout=out, stderr=subprocess.STDOUT)
+            code = subprocess.call(
+                [sys.executable, "-m", "experiments.run", *plan.args], stdout=out, stderr=subprocess.STDOUT
+            )
         if code != 0:
             tail = (plan.run_dir / "run.log").read_text().strip().splitlines()[-3:]
             failures.append((plan, " / ".join(tail)))
@@ -167,12 +169,23 @@ def _row_numbers(summary: dict[str, Any], report: str) -> dict[str, float] | Non
         m = (summary.get("last") or {}).get("metrics")
         if not m:
             return None
-        return {"f1": m["val/f1"], "precision": m["val/precision"], "recall": m["val/recall"],
-                "correct_pos": m["val/tp"], "correct_neg": m["val/tn"]}
+        return {
+            "f1": m["val/f1"],
+            "precision": m["val/precision"],
+            "recall": m["val/recall"],
+            "correct_pos": m["val/tp"],
+            "correct_neg": m["val/tn"],
+        }
     m = summary.get(report)
     if not m:
         return None
-    return {"f1": m["f1"], "precision": m["precision"], "recall": m["recall"], "correct_pos": m["tp"], "correct_neg": m["tn"]}
+    return {
+        "f1": m["f1"],
+        "precision": m["precision"],
+        "recall": m["recall"],
+        "correct_pos": m["tp"],
+        "correct_neg": m["tn"],
+    }
 
 
 def collect(grid: Grid, cells: list[Cell], results: Path, seeds: int | None) -> list[dict[str, Any]]:
@@ -193,11 +206,20 @@ def collect(grid: Grid, cells: list[Cell], results: Path, seeds: int | None) -> 
                     val_sizes.append(summary["val_counts"])
             elif (run_dir / "run.log").is_file():
                 failed += 1
-        row: dict[str, Any] = {"id": cell.id, "data": cell.data, "method": cell.method, "seeds": len(numbers),
-                               "failed": failed, "lecture": cell.lecture, "val_counts": val_sizes[0] if val_sizes else None}
+        row: dict[str, Any] = {
+            "id": cell.id,
+            "data": cell.data,
+            "method": cell.method,
+            "seeds": len(numbers),
+            "failed": failed,
+            "lecture": cell.lecture,
+            "val_counts": val_sizes[0] if val_sizes else None,
+        }
         for column in COLUMNS:
             values = np.array([n[column] for n in numbers], dtype=float)
-            row[column] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else None
+            row[column] = (
+                (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else None
+            )
         rows.append(row)
     return rows
 
@@ -211,13 +233,30 @@ def _fmt(value: tuple[float, float] | None, digits: int, seeds: int) -> str:
 
 def render_table(rows: list[dict[str, Any]], header: str) -> tuple[str, str]:
     """(markdown, csv) of the table; correct cats/dogs are out of each run's own validation counts."""
-    lines = [header, "",
-             "| data | method | seeds | F1 | precision | recall | correct cats | correct dogs | lecture F1 (VGG16) | lecture cats / dogs of 1500 | lecture F1 (ResNet) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| data | method | seeds | F1 | precision | recall | correct cats | correct dogs | lecture F1 (VGG16) | lecture cats / dogs of 1500 | lecture F1 (ResNet) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["id", "data", "method", "seeds", "failed", *[f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")],
-                     "val_pos", "val_neg", "lecture_f1", "lecture_cats", "lecture_dogs", "lecture_resnet_f1"])
+    writer.writerow(
+        [
+            "id",
+            "data",
+            "method",
+            "seeds",
+            "failed",
+            *[f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")],
+            "val_pos",
+            "val_neg",
+            "lecture_f1",
+            "lecture_cats",
+            "lecture_dogs",
+            "lecture_resnet_f1",
+        ]
+    )
     for row in rows:
         lec = row["lecture"]
         seeds = row["seeds"]
@@ -231,8 +270,22 @@ def render_table(rows: list[dict[str, Any]], header: str) -> tuple[str, str]:
             f"| {lec.get('cats', '')}{' / ' if 'cats' in lec else ''}{lec.get('dogs', '')} | {lec.get('resnet_f1', '')} |"
         )
         flat = [v for c in COLUMNS for v in (row[c] if row[c] is not None else ("", ""))]
-        writer.writerow([row["id"], row["data"], row["method"], seeds, row["failed"], *flat, val_pos, val_neg,
-                         lec.get("f1", ""), lec.get("cats", ""), lec.get("dogs", ""), lec.get("resnet_f1", "")])
+        writer.writerow(
+            [
+                row["id"],
+                row["data"],
+                row["method"],
+                seeds,
+                row["failed"],
+                *flat,
+                val_pos,
+                val_neg,
+                lec.get("f1", ""),
+                lec.get("cats", ""),
+                lec.get("dogs", ""),
+                lec.get("resnet_f1", ""),
+            ]
+        )
     return "\n".join(lines) + "\n", buffer.getvalue()
 
 
@@ -250,7 +303,10 @@ def plot_table(rows: list[dict[str, Any]], path: Path) -> None:
     stds = [r["f1"][1] if r["f1"] else 0 for r in shown]
     ax.barh(y, means, xerr=stds, color="#4c72b0", alpha=0.85, label="this repository (mean ± std over seeds)")
     for i, r in enumerate(shown):
-        for key, marker, color, label in (("f1", "D", "#dd8452", "lecture, VGG16 (TF)"), ("resnet_f1", "o", "#55a868", "lecture, ResNet (PyTorch)")):
+        for key, marker, color, label in (
+            ("f1", "D", "#dd8452", "lecture, VGG16 (TF)"),
+            ("resnet_f1", "o", "#55a868", "lecture, ResNet (PyTorch)"),
+        ):
             value = r["lecture"].get(key)
             if isinstance(value, (int, float)):
                 ax.plot(value, i, marker, color=color, label=label)

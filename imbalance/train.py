@@ -265,7 +265,65 @@ class RunRecorder(Callback):
             summary.update(self._thresholds())
             self._write_predictions()
         atomic_write_json(self.run_dir / "summary.json", summary)
+        if self.best_predictions is not None:  # pictures last: a plotting problem never costs the numbers
+            summary["pictures"] = self._pictures(trainer, summary)
+            atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
+
+    def _pictures(self, trainer: L.Trainer, summary: dict[str, Any]) -> list[str]:
+        """PNGs in the run directory, and the same (plus interactive plots) in W&B when it is the logger."""
+        from imbalance import plots
+        from imbalance.data import ImageDataset
+
+        labels, probs = self.best_predictions["label"], self.best_predictions["prob"]
+        names = self.split.class_names
+        m = self.best["metrics"]
+        title = f"Validation, epoch {self.best['epoch']} (best val F1 {m.get('val/f1', float('nan')):.3f})"
+        thresholds = {"0.5": 0.5}
+        if "tuned_threshold" in summary:
+            thresholds["tuned (optimistic)"] = summary["tuned_threshold"]["threshold"]
+        dataset = ImageDataset(self.split.val, self.split.root, transform=None)
+        mistakes = plots.confident_mistakes(labels, probs)
+        files = [
+            plots.confusion_matrix_png(
+                *(int(m.get(f"val/{k}", 0)) for k in ("tn", "fp", "fn", "tp")),
+                names,
+                self.run_dir / "confusion_matrix.png",
+                title,
+            ),
+            plots.pr_curve_png(labels, probs, self.run_dir / "pr_curve.png", thresholds, names[1]),
+            plots.curves_png(self.history, self.run_dir / "curves.png"),
+            plots.mistakes_grid_png(mistakes, labels, probs, dataset.load_image, names, self.run_dir / "mistakes.png"),
+        ]
+        if type(trainer.logger).__name__ == "WandbLogger":
+            self._log_wandb(trainer.logger.experiment, files, labels, probs, mistakes, dataset)
+        return [f.name for f in files]
+
+    def _log_wandb(self, run, files, labels, probs, mistakes, dataset) -> None:
+        import wandb
+
+        names = list(self.split.class_names)
+        preds = (probs > 0.5).astype(int)
+        table = wandb.Table(columns=["path", "label", "prob_positive", "image"])
+        for i in mistakes:
+            table.add_data(
+                self.split.val[int(i)][0],
+                names[int(labels[i])],
+                float(probs[i]),
+                wandb.Image(dataset.load_image(int(i))),
+            )
+        run.log(
+            {
+                "val/confusion_matrix": wandb.plot.confusion_matrix(
+                    y_true=labels.tolist(), preds=preds.tolist(), class_names=names
+                ),
+                "val/pr_curve": wandb.plot.pr_curve(
+                    labels.tolist(), np.stack([1 - probs, probs], axis=1).tolist(), labels=names
+                ),
+                "val/misclassified": table,
+                **{f"pictures/{f.stem}": wandb.Image(str(f)) for f in files},
+            }
+        )
 
     def _thresholds(self) -> dict[str, Any]:
         labels, probs = self.best_predictions["label"], self.best_predictions["prob"]

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+from conftest import make_class_tree
+from PIL import Image
 from sklearn import metrics as skm
 from wandb_records import history_rows
 
@@ -53,6 +55,52 @@ def test_wandb_offline_run_holds_per_epoch_val_f1(tmp_path, capsys):
     metrics = list(csv.DictReader((tmp_path / "runs" / "wb" / "metrics.csv").open()))
     assert [r["val/f1"] for r in rows] == pytest.approx([float(m["val/f1"]) for m in metrics])
     assert (tmp_path / "runs" / "wb" / "wandb_id.txt").read_text().strip()
+    logged = {key.split("/_")[0] for row in history_rows(tmp_path / "runs" / "wb") for key in row}
+    for key in ("val/confusion_matrix_table", "val/pr_curve_table", "val/misclassified", "pictures/pr_curve"):
+        assert any(k.startswith(key) for k in logged), key
+
+
+def test_pictures_are_valid_pngs(tmp_path):
+    run([*TINY, "--epochs", "2", "--logger", "none", "--tune-threshold", "--out", "runs/pics"])
+    summary = json.loads((tmp_path / "runs" / "pics" / "summary.json").read_text())
+    assert summary["pictures"] == ["confusion_matrix.png", "pr_curve.png", "curves.png", "mistakes.png"]
+    for name in summary["pictures"]:
+        with Image.open(tmp_path / "runs" / "pics" / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_val_metrics_are_exact_for_odd_sizes_and_batches(tmp_path):
+    tree = make_class_tree(tmp_path / "odd", {"Cat": 9, "Dog": 28})
+    summary = run(
+        [
+            *TINY,
+            "--data-dir",
+            str(tree),
+            "--train-counts",
+            "5,19",
+            "--val-counts",
+            "4,9",
+            "--batch-size",
+            "4",
+            "--epochs",
+            "2",
+            "--logger",
+            "none",
+            "--num-workers",
+            "0",
+            "--out",
+            "runs/odd",
+        ]
+    )
+    rows = list(csv.DictReader((tmp_path / "runs" / "odd" / "predictions.csv").open()))
+    assert len(rows) == 13  # every validation image exactly once, none padded
+    labels = [int(r["label"]) for r in rows]
+    pred = [int(r["prediction"]) for r in rows]
+    best = summary["best"]["metrics"]
+    assert best["val/f1"] == pytest.approx(skm.f1_score(labels, pred, zero_division=0), abs=1e-6)
+    assert best["val/recall"] == pytest.approx(skm.recall_score(labels, pred, zero_division=0), abs=1e-6)
+    assert best["val/tp"] + best["val/fp"] + best["val/tn"] + best["val/fn"] == 13
 
 
 def test_photos_run_and_evaluate_match_sklearn(pet_tree, tmp_path):
