@@ -158,15 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     # heavy imports only once the flags parsed, so --help and flag errors are instant
     from imbalance.data import DataError
     from imbalance.model import WeightsError
-    from imbalance.train import fit
+    from imbalance.train import fit, say
 
     try:
         cfg = config_from_args(args).validate()
         if cfg.data_dir is None and cfg.manifest is None:
-            print(
-                "[imbalance] no --data-dir and no data/PetImages: using the embedded digits data set "
-                "(scikit-learn's handwritten '8' vs the other digits, about 1:9)",
-                flush=True,
+            say(
+                "no --data-dir and no data/PetImages: using the embedded digits data set "
+                "(scikit-learn's handwritten '8' vs the other digits, about 1:9)"
             )
         fit(cfg)
     except (ConfigError, DataError, WeightsError) as error:

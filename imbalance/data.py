@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import time
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -202,6 +203,13 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("IMBALANCE_CACHE", Path.home() / ".cache" / "imbalance"))
 
 
+def _local_rank() -> int:
+    for name in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 def scan_images(files: Sequence[Path], root: Path, workers: int | None = None) -> dict[str, str]:
     """Decode every file once; return {path: reason} for the bad ones.
 
@@ -209,20 +217,27 @@ def scan_images(files: Sequence[Path], root: Path, workers: int | None = None) -
     so a second run, a DDP rank or a case-study cell reads the cache instead of decoding 25,000 JPEGs again.
     """
     cache_file = _cache_dir() / f"scan-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    results: dict[str, str | None] = {}
-    todo: list[str] = []
-    for path in map(str, files):
-        stat = os.stat(path)
-        key = [stat.st_size, stat.st_mtime_ns]
-        entry = cache.get(path)
-        if entry is not None and entry[:2] == key:
-            results[path] = entry[2]
-        else:
-            todo.append(path)
+    waited = 0.0
+    while True:
+        try:
+            cache = json.loads(cache_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            cache = {}
+        results: dict[str, str | None] = {}
+        todo: list[str] = []
+        for path in map(str, files):
+            stat = os.stat(path)
+            entry = cache.get(path)
+            if entry is not None and entry[:2] == [stat.st_size, stat.st_mtime_ns]:
+                results[path] = entry[2]
+            else:
+                todo.append(path)
+        # Under torchrun or SLURM every process starts at once: local rank 0 scans, the others wait for its
+        # cache (up to 30 min) instead of decoding the same 25,000 files N times over.
+        if not todo or _local_rank() == 0 or waited > 1800:
+            break
+        time.sleep(1.0)
+        waited += 1.0
     if todo:
         workers = workers or min(8, os.cpu_count() or 1)
         if workers > 1 and len(todo) > 256:

@@ -176,19 +176,28 @@ class RunRecorder(Callback):
 
     # state travels in the checkpoint, so --resume continues the same history and best epoch
     def state_dict(self) -> dict[str, Any]:
+        predictions = self.best_predictions
         return {
             "history": self.history,
             "pending": self.pending,
             "best": self.best,
+            "best_predictions": None if predictions is None else {k: v.tolist() for k, v in predictions.items()},
             "wall_time": self.previous_wall_time + time.time() - self.started,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.history, self.pending, self.best = state["history"], state["pending"], state["best"]
+        predictions = state.get("best_predictions")
+        self.best_predictions = None if predictions is None else {k: np.asarray(v) for k, v in predictions.items()}
         self.previous_wall_time = state["wall_time"]
+        self.started = time.time()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
         logger = trainer.logger
+        if logger:  # --batch-size is per device: record what one optimiser step really sees
+            logger.log_hyperparams(
+                {"global_batch_size": self.extra["global_batch_size"], "world_size": trainer.world_size}
+            )
         if trainer.is_global_zero and type(logger).__name__ == "WandbLogger":
             # --resume reads this to continue the same W&B run
             atomic_write_text(self.run_dir / "wandb_id.txt", logger.experiment.id)

@@ -1,0 +1,121 @@
+"""Multi-process behaviour on CPU (gloo): DDP equals one process, kill-and-resume, determinism."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from conftest import make_class_tree
+
+from experiments import run as run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.run", *args], capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader(path.open()))
+
+
+def test_two_process_ddp_gives_the_single_process_answer(tmp_path):
+    # A frozen backbone keeps batch-norm out of the comparison (its statistics are per process by design);
+    # per-device batch 4 on 2 processes is the same global batch, and the same samples, as batch 8 on one.
+    tree = make_class_tree(tmp_path / "pets", {"Cat": 14, "Dog": 40})
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "w.pt")
+    common = [
+        "--data-dir",
+        str(tree),
+        "--train-counts",
+        "10,30",
+        "--val-counts",
+        "4,9",
+        "--backbone",
+        "test_resnet",
+        "--image-size",
+        "32",
+        "--weights",
+        str(tmp_path / "w.pt"),
+        "--freeze-backbone",
+        "--epochs",
+        "2",
+        "--lr",
+        "0.05",
+        "--num-workers",
+        "0",
+        "--seed",
+        "3",
+    ]
+    cli(*common, "--batch-size", "8", "--logger", "csv", "--out", "one")
+    ddp = cli(
+        *common, "--batch-size", "4", "--accelerator", "cpu", "--devices", "2", "--logger", "wandb", "--out", "two"
+    )
+    assert ddp.stdout.count("best val F1") == 1  # rank 0 alone reports
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert len(list(two.glob("wandb/offline-run-*"))) == 1 and not list(tmp_path.glob("wandb"))
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["global_batch_size"] == 8 and summary["epochs_completed"] == 2
+    rows_one, rows_two = read_csv(one / "metrics.csv"), read_csv(two / "metrics.csv")
+    for a, b in zip(rows_one, rows_two, strict=True):
+        for key in ("val/tp", "val/fp", "val/tn", "val/fn", "val/f1", "val/precision", "val/recall"):
+            assert float(a[key]) == float(b[key]), key
+        assert float(a["val/auroc"]) == pytest.approx(float(b["val/auroc"]), abs=1e-6)
+    preds_one, preds_two = read_csv(one / "predictions.csv"), read_csv(two / "predictions.csv")
+    assert [r["path"] for r in preds_one] == [r["path"] for r in preds_two] and len(preds_two) == 13
+    for a, b in zip(preds_one, preds_two, strict=True):
+        assert float(a["prob_positive"]) == pytest.approx(float(b["prob_positive"]), abs=1e-5)
+
+
+TINY = ["--backbone", "test_resnet", "--image-size", "32", "--epochs", "4", "--logger", "csv"]
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    cli(*TINY, "--out", "full")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", *TINY, "--out", "killed"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    metrics = tmp_path / "killed" / "metrics.csv"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.is_file() and len(read_csv(metrics)) >= 2):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)  # during epoch 2 (or its validation)
+    process.wait(timeout=120)
+    assert not (tmp_path / "killed" / "summary.json").exists()  # no half-finished summary
+    assert (tmp_path / "killed" / "checkpoints" / "last.ckpt").is_file()
+    assert not list((tmp_path / "killed").rglob("*.tmp"))
+    cli(*TINY, "--out", "killed", "--resume")
+    full, resumed = read_csv(tmp_path / "full" / "metrics.csv"), read_csv(tmp_path / "killed" / "metrics.csv")
+    assert [r["epoch"] for r in resumed] == ["0", "1", "2", "3"]
+    for a, b in zip(full, resumed, strict=True):
+        assert {k: a[k] for k in a if k.startswith("val/")} == {k: b[k] for k in b if k.startswith("val/")}
+    best_full = json.loads((tmp_path / "full" / "summary.json").read_text())["best"]
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text())["best"] == best_full
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit):
+        run_cli.main([*TINY, "--out", "nothing-here", "--resume"])
+    assert "nothing-here/checkpoints/last.ckpt does not exist" in capsys.readouterr().err
+
+
+def test_same_seed_same_metrics(tmp_path):
+    for name in ("a", "b"):
+        assert run_cli.main([*TINY, "--epochs", "2", "--deterministic", "--sampling", "over", "--out", name]) == 0
+    assert read_csv(tmp_path / "a" / "metrics.csv") == read_csv(tmp_path / "b" / "metrics.csv")
