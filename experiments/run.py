@@ -94,6 +94,25 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(SAMPLING),
         help="random over/undersampling to balance the classes, redrawn every epoch",
     )
+    lo.add_argument("--autobalance-params", type=Path, help="--loss autobalance: reuse a found loss (skip the search)")
+    lo.add_argument(
+        "--autobalance-init",
+        default="logit-adjusted",
+        choices=["ce", "logit-adjusted"],
+        help="--loss autobalance: the loss the search starts from",
+    )
+    lo.add_argument(
+        "--autobalance-search-epochs", type=int, help="--loss autobalance: search epochs (default --epochs)"
+    )
+    lo.add_argument(
+        "--autobalance-lr", type=float, default=0.05, help="--loss autobalance: Adam step of the loss parameters"
+    )
+    lo.add_argument(
+        "--autobalance-objective",
+        default="balanced-ce",
+        choices=["balanced-ce", "soft-f1"],
+        help="--loss autobalance: validation objective of the search (the paper's balanced CE, or soft F1)",
+    )
     lo.add_argument(
         "--tune-threshold",
         action="store_true",

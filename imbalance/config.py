@@ -66,6 +66,11 @@ class RunConfig:
     drw_epoch: int | None = None
     tau: float = 1.0
     sampling: str = "none"
+    autobalance_params: Path | None = None
+    autobalance_init: str = "logit-adjusted"
+    autobalance_search_epochs: int | None = None
+    autobalance_lr: float = 0.05
+    autobalance_objective: str = "balanced-ce"
     tune_threshold: bool = False
     posthoc_la: float | None = None
     # optimisation
@@ -185,6 +190,23 @@ class RunConfig:
             fail(f"--beta must be in [0, 1), got {self.beta}")
         if self.drw_epoch is not None and self.loss != "ldam":
             fail(f"--drw-epoch is the LDAM-DRW schedule; it needs --loss ldam, not {self.loss!r}")
+        autobalance_set = (
+            self.autobalance_params is not None
+            or self.autobalance_search_epochs is not None
+            or self.autobalance_init != "logit-adjusted"
+            or self.autobalance_lr != 0.05
+            or self.autobalance_objective != "balanced-ce"
+        )
+        if autobalance_set and self.loss != "autobalance":
+            fail(f"--autobalance-* options need --loss autobalance, but --loss is {self.loss!r}")
+        if self.autobalance_init not in ("ce", "logit-adjusted"):
+            fail(f"--autobalance-init must be 'ce' or 'logit-adjusted', got {self.autobalance_init!r}")
+        if self.autobalance_objective not in ("balanced-ce", "soft-f1"):
+            fail(f"--autobalance-objective must be 'balanced-ce' or 'soft-f1', got {self.autobalance_objective!r}")
+        if self.autobalance_search_epochs is not None and self.autobalance_search_epochs < 1:
+            fail(f"--autobalance-search-epochs must be at least 1, got {self.autobalance_search_epochs}")
+        if self.autobalance_params is not None and not Path(self.autobalance_params).is_file():
+            fail(f"--autobalance-params {self.autobalance_params} does not exist")
         return self
 
     @property
@@ -212,7 +234,7 @@ class RunConfig:
             raise ConfigError(f"unknown configuration keys {unknown}; was this written by a newer version?")
         kwargs = {}
         for name, value in values.items():
-            if value is not None and name in ("data_dir", "manifest", "weights", "out"):
+            if value is not None and name in ("data_dir", "manifest", "weights", "out", "autobalance_params"):
                 value = Path(value)
             elif isinstance(value, list):
                 value = tuple(value)

@@ -522,3 +522,21 @@ class ImbalanceDataModule(L.LightningDataModule):
         labels = [label for _, label in self.split.val]
         sampler = EpochSampler(labels, "sequential", seed=self.seed, num_replicas=replicas, rank=rank)
         return self._loader(self.val_set, sampler, train=False)
+
+
+class SearchDataModule(ImbalanceDataModule):
+    """AutoBalance's search phase: each step pairs a training-part batch with a (cycled) batch of the
+    class-balanced validation part, served with evaluation transforms. There is no validation loop."""
+
+    def train_dataloader(self):
+        from lightning.pytorch.utilities import CombinedLoader
+
+        replicas, rank = self._replicas()
+        train_labels = [label for _, label in self.split.train]
+        meta_labels = [label for _, label in self.split.val]
+        train = self._loader(self.train_set, EpochSampler(train_labels, "none", self.seed, replicas, rank), True)
+        meta = self._loader(self.val_set, EpochSampler(meta_labels, "none", self.seed + 1, replicas, rank), False)
+        return CombinedLoader({"train": train, "meta": meta}, mode="max_size_cycle")
+
+    def val_dataloader(self):
+        return []

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from imbalance.autobalance import ParametricLoss
+
 if TYPE_CHECKING:
     from imbalance.config import RunConfig
 
@@ -352,6 +354,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "ldam": LDAMLoss,
     "logit-adjusted": LogitAdjustedLoss,
     "balanced-softmax": BalancedSoftmaxLoss,
+    "autobalance": ParametricLoss,  # its parameters come from the search (imbalance.autobalance)
 }
 
 

@@ -364,6 +364,18 @@ class RunRecorder(Callback):
         atomic_write_text(self.run_dir / "predictions.csv", buffer.getvalue())
 
 
+def _normalisation(backbone) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Mean and std of the backbone's timm data config (ImageNet's by default)."""
+    data_cfg = backbone.pretrained_cfg
+    return tuple(data_cfg.get("mean", (0.485, 0.456, 0.406))), tuple(data_cfg.get("std", (0.229, 0.224, 0.225)))
+
+
+def _num_workers(cfg: RunConfig, split: SplitData) -> int:
+    if cfg.num_workers is not None:
+        return cfg.num_workers
+    return 0 if split.root is None else min(8, os.cpu_count() or 1)  # the digits live in memory
+
+
 def prepare(cfg: RunConfig):
     """Everything before the Trainer: the split, the loss, the backbone, the data module and the module."""
     split = load_split(cfg)
@@ -375,19 +387,78 @@ def prepare(cfg: RunConfig):
     loss = build_loss(cfg, split.train_counts)
     backbone = create_backbone(cfg.backbone, loss.num_outputs, cfg.pretrained, cfg.weights)
     image_size = cfg.image_size or default_image_size(split)
-    data_cfg = backbone.pretrained_cfg
-    mean, std = (
-        tuple(data_cfg.get("mean", (0.485, 0.456, 0.406))),
-        tuple(data_cfg.get("std", (0.229, 0.224, 0.225))),
+    mean, std = _normalisation(backbone)
+    datamodule = ImbalanceDataModule(
+        split, image_size, mean, std, cfg.batch_size, cfg.sampling, cfg.seed, _num_workers(cfg, split)
     )
-    num_workers = (
-        cfg.num_workers if cfg.num_workers is not None else (0 if split.root is None else min(8, os.cpu_count() or 1))
-    )
-    datamodule = ImbalanceDataModule(split, image_size, mean, std, cfg.batch_size, cfg.sampling, cfg.seed, num_workers)
     module = ImbalanceClassifier(
         backbone, loss, cfg.to_dict(), split.train_counts, split.class_names, image_size, mean, std
     )
     return split, module, datamodule
+
+
+def _trainer_options(cfg: RunConfig, hw: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    return dict(
+        precision=cfg.precision or default_precision(hw["accelerator"]),
+        deterministic="warn" if cfg.deterministic else None,
+        default_root_dir=run_dir,
+        fast_dev_run=cfg.fast_dev_run,
+        use_distributed_sampler=False,  # our samplers shard exactly (see imbalance.sampling)
+        log_every_n_steps=10,
+        enable_model_summary=False,
+        enable_progress_bar=sys.stderr.isatty(),  # a progress bar in a log file is megabytes of noise
+        **hw,
+    )
+
+
+def autobalance_search(cfg: RunConfig, run_dir: Path, hw: dict[str, Any], logger) -> Path:
+    """AutoBalance's search phase; returns the file of the found loss parameters (rank 0 writes it)."""
+    from imbalance.autobalance import AutoBalanceSearch, initial_loss, plot_trajectory, save_params, search_split
+    from imbalance.data import SearchDataModule
+
+    params_file = run_dir / "autobalance_params.json"
+    if cfg.resume and params_file.is_file():
+        return params_file
+    split = load_split(cfg)
+    train_part, meta_part = search_split([label for _, label in split.train], 0.2, cfg.seed)
+    search = replace(split, train=[split.train[i] for i in train_part], val=[split.train[i] for i in meta_part])
+    say(
+        f"AutoBalance search: train part {search.train_counts}, class-balanced validation part {search.val_counts} "
+        "(counts negative, positive)"
+    )
+    loss = initial_loss(cfg.autobalance_init, search.train_counts)
+    backbone = create_backbone(cfg.backbone, 2, cfg.pretrained, cfg.weights)
+    image_size = cfg.image_size or default_image_size(split)
+    mean, std = _normalisation(backbone)
+    datamodule = SearchDataModule(
+        search, image_size, mean, std, cfg.batch_size, "none", cfg.seed, _num_workers(cfg, split)
+    )
+    module = AutoBalanceSearch(
+        backbone, loss, cfg.lr, cfg.weight_decay, cfg.autobalance_lr, inner_lr=0.1, objective=cfg.autobalance_objective
+    )
+    epochs = cfg.autobalance_search_epochs or cfg.epochs
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=[],
+        enable_checkpointing=False,
+        **_trainer_options(cfg, hw, run_dir / "search"),
+    )
+    trainer.fit(module, datamodule=datamodule)
+    if trainer.is_global_zero:
+        extra = {
+            "init": cfg.autobalance_init,
+            "objective": cfg.autobalance_objective,
+            "search_epochs": epochs,
+            "class_names": list(split.class_names),
+            "train_part_counts": search.train_counts,
+            "validation_part_counts": search.val_counts,
+        }
+        save_params(loss, module.trajectory, params_file, extra)
+        plot_trajectory(module.trajectory, split.class_names, run_dir / "autobalance_trajectory.png")
+        say(f"AutoBalance found {json.dumps(loss.as_dict())}; retraining from scratch with it")
+    trainer.strategy.barrier()  # every rank reads the file rank 0 wrote
+    return params_file
 
 
 def fit(cfg: RunConfig) -> dict[str, Any]:
@@ -397,40 +468,33 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
     run_name, run_dir = resolve_run(cfg)
     cfg = replace(cfg, run_name=run_name, out=run_dir)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    split, module, datamodule = prepare(cfg)
-    if not cfg.fast_dev_run:
-        _write_run_files(run_dir, cfg, split)
-
-    checkpoint = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints",
-        filename="best",
-        monitor="val/f1",
-        mode="max",
-        save_last=True,
-        auto_insert_metric_name=False,
-        enable_version_counter=False,
-    )
-    recorder = RunRecorder(run_dir, cfg, split, {"global_batch_size": cfg.batch_size * hw["devices"] * hw["num_nodes"]})
-    trainer = L.Trainer(
-        max_epochs=cfg.epochs,
-        precision=cfg.precision or default_precision(hw["accelerator"]),
-        deterministic="warn" if cfg.deterministic else None,
-        logger=make_logger(cfg, run_name, run_dir),
-        callbacks=[checkpoint, recorder],
-        default_root_dir=run_dir,
-        fast_dev_run=cfg.fast_dev_run,
-        use_distributed_sampler=False,  # our samplers shard exactly (see imbalance.sampling)
-        log_every_n_steps=10,
-        enable_model_summary=False,
-        enable_progress_bar=sys.stderr.isatty(),  # a progress bar in a log file is megabytes of noise
-        **hw,
-    )
-    say(
-        f"run {run_name}: {cfg.backbone}, loss {cfg.loss}, {hw['devices'] * hw['num_nodes']} x {hw['accelerator']}, "
-        f"{cfg.epochs} epochs, directory {run_dir}"
-    )
+    logger = make_logger(cfg, run_name, run_dir)
     os.environ[RUN_NAME_ENV] = run_name  # DDP workers re-run the command line: give them the same name
     try:
+        if cfg.loss == "autobalance" and cfg.autobalance_params is None:
+            cfg = replace(cfg, autobalance_params=autobalance_search(cfg, run_dir, hw, logger))
+            L.seed_everything(cfg.seed, workers=True, verbose=False)  # the retrain starts as any other run
+        split, module, datamodule = prepare(cfg)
+        if not cfg.fast_dev_run:
+            _write_run_files(run_dir, cfg, split)
+        checkpoint = ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="best",
+            monitor="val/f1",
+            mode="max",
+            save_last=True,
+            auto_insert_metric_name=False,
+            enable_version_counter=False,
+        )
+        global_batch = cfg.batch_size * hw["devices"] * hw["num_nodes"]
+        recorder = RunRecorder(run_dir, cfg, split, {"global_batch_size": global_batch})
+        trainer = L.Trainer(
+            max_epochs=cfg.epochs, logger=logger, callbacks=[checkpoint, recorder], **_trainer_options(cfg, hw, run_dir)
+        )
+        say(
+            f"run {run_name}: {cfg.backbone}, loss {cfg.loss}, {hw['devices'] * hw['num_nodes']} x {hw['accelerator']}, "
+            f"{cfg.epochs} epochs, directory {run_dir}"
+        )
         ckpt_path = run_dir / "checkpoints" / "last.ckpt" if cfg.resume else None
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
