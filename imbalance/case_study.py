@@ -112,10 +112,20 @@ class Plan:
     seed: int
     run_dir: Path
     args: list[str]
+    config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
-        return (self.run_dir / "summary.json").is_file()
+        """Finished, and with the same configuration: a run made with other flags (say another --scale)
+        is not counted, it is rerun."""
+        summary = self.run_dir / "summary.json"
+        if not summary.is_file():
+            return False
+        recorded = RunConfig.from_dict(json.loads(summary.read_text()).get("config", {})).to_dict()  # fills defaults
+        return all(recorded.get(k) == v for k, v in self.config.items() if k not in IGNORED_FOR_DONE)
+
+
+IGNORED_FOR_DONE = {"out", "run_name", "num_workers", "resume", "logger", "autobalance_params"}
 
 
 def plan_runs(grid: Grid, cells: list[Cell], results: Path, overrides: dict[str, Any], seeds: int | None) -> list[Plan]:
@@ -134,8 +144,8 @@ def plan_runs(grid: Grid, cells: list[Cell], results: Path, overrides: dict[str,
             values = {**grid.defaults, **cell.flags, **{k: v for k, v in overrides.items() if v is not None}}
             run_dir = results / "runs" / cell.id / f"seed{seed}"
             values.update(seed=seed, out=str(run_dir), run_name=f"{grid.name}/{cell.id}/seed{seed}")
-            RunConfig.from_dict(values).validate()  # a bad cell fails before anything trains
-            plans.append(Plan(cell, seed, run_dir, run_flags(values)))
+            config = RunConfig.from_dict(values).validate()  # a bad cell fails before anything trains
+            plans.append(Plan(cell, seed, run_dir, run_flags(values), config.to_dict()))
     return plans
 
 
