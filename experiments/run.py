@@ -157,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="W&B is online with credentials, else offline; a metrics.csv is always written",
     )
     g.add_argument("--wandb-project", default="imbalance")
+    g.add_argument("--wandb-group", help="W&B run group (the case study groups the seeds of a cell)")
+    g.add_argument(
+        "--case-study-cell",
+        metavar="ID",
+        help="take the flags of this cell of --grid (e.g. imbalanced-2/focal); flags given here win. "
+        "This is what experiments/sweeps/case_study.yaml runs",
+    )
+    g.add_argument("--grid", type=Path, default=Path("experiments/case_study.yaml"), help="grid for --case-study-cell")
     g.add_argument("--run-name", help="default: <loss>-<backbone>-<split>-seed<seed>-<time>")
     g.add_argument("--out", type=Path, help="run directory (default runs/<run-name>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
@@ -164,8 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    values = vars(args)
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> RunConfig:
+    values = vars(args).copy()
+    cell_id, grid_file = values.pop("case_study_cell"), values.pop("grid")
+    if cell_id is not None:
+        from imbalance.case_study import load_grid
+
+        grid = load_grid(grid_file)
+        cells = {c.id: c for c in grid.cells}
+        if cell_id not in cells or cells[cell_id].runs_of is not None:
+            trained = [c.id for c in grid.cells if c.runs_of is None]
+            raise ConfigError(
+                f"--case-study-cell {cell_id!r} is not a trained cell of {grid_file}; choose from {trained}"
+            )
+        for key, value in {**grid.defaults, **cells[cell_id].flags}.items():
+            if values[key] == parser.get_default(key):  # a flag given on the command line wins over the grid
+                values[key] = tuple(value) if isinstance(value, list) else value
+        values["wandb_group"] = values["wandb_group"] or cell_id
     if values["data_dir"] is None and Path("data/PetImages").is_dir():
         values["data_dir"] = Path("data/PetImages")
     return RunConfig(**values)
@@ -180,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     from imbalance.train import fit, say
 
     try:
-        cfg = config_from_args(args).validate()
+        cfg = config_from_args(args, parser).validate()
         if cfg.data_dir is None and cfg.manifest is None:
             say(
                 "no --data-dir and no data/PetImages: using the embedded digits data set "

@@ -89,6 +89,7 @@ class RunConfig:
     # logging and output
     logger: str = "wandb"
     wandb_project: str = "imbalance"
+    wandb_group: str | None = None
     run_name: str | None = None
     out: Path | None = None
     resume: bool = False

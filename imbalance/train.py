@@ -149,6 +149,7 @@ def make_logger(cfg: RunConfig, run_name: str, run_dir: Path):
         offline=mode == "offline",
         mode=mode if mode == "disabled" else None,
         resume="allow" if run_id else None,
+        group=cfg.wandb_group,
     )
     if mode == "offline":
         say(f"W&B is offline (no credentials found); upload later with: wandb sync {run_dir}/wandb/offline-run-*")

@@ -36,7 +36,9 @@ def test_reduces_to_ce_weighted_and_logit_adjusted(seed):
     la = initial_loss("logit-adjusted", counts, trainable=False)
     torch.testing.assert_close(la(logits, target), LogitAdjustedLoss(counts, 1.0)(logits, target))
     scales = torch.tensor([0.5, 2.0])  # geometric mean 1
-    torch.testing.assert_close(ParametricLoss(2, scales=scales)(logits, target), F.cross_entropy(logits * scales, target))
+    torch.testing.assert_close(
+        ParametricLoss(2, scales=scales)(logits, target), F.cross_entropy(logits * scales, target)
+    )
 
 
 def test_normalisation_prevents_collapse():
@@ -81,7 +83,9 @@ def test_search_moves_offsets_toward_the_log_prior():
     # 10:1 data, the search should push the minority's offset below the majority's, toward log(1/10).
     torch.manual_seed(0)
     n_major, n_minor = 1000, 100
-    x = torch.cat([torch.randn(n_major, 2) + torch.tensor([1.0, 0.0]), torch.randn(n_minor, 2) - torch.tensor([1.0, 0.0])])
+    x = torch.cat(
+        [torch.randn(n_major, 2) + torch.tensor([1.0, 0.0]), torch.randn(n_minor, 2) - torch.tensor([1.0, 0.0])]
+    )
     y = torch.cat([torch.zeros(n_major, dtype=torch.long), torch.ones(n_minor, dtype=torch.long)])
     x_val = torch.cat([torch.randn(200, 2) + torch.tensor([1.0, 0.0]), torch.randn(200, 2) - torch.tensor([1.0, 0.0])])
     y_val = torch.cat([torch.zeros(200, dtype=torch.long), torch.ones(200, dtype=torch.long)])
@@ -112,8 +116,22 @@ def test_search_split_is_stratified_and_balanced():
 
 
 def test_cli_runs_both_phases_and_reuses_parameters(tmp_path):
-    args = ["--backbone", "test_resnet", "--image-size", "32", "--epochs", "1", "--logger", "none", "--loss", "autobalance",
-            "--autobalance-search-epochs", "1", "--autobalance-objective", "soft-f1"]
+    args = [
+        "--backbone",
+        "test_resnet",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--logger",
+        "none",
+        "--loss",
+        "autobalance",
+        "--autobalance-search-epochs",
+        "1",
+        "--autobalance-objective",
+        "soft-f1",
+    ]
     assert run_cli.main([*args, "--out", "ab"]) == 0
     params = json.loads((tmp_path / "ab" / "autobalance_params.json").read_text())
     assert len(params["trajectory"]) == 1 and params["objective"] == "soft-f1"
@@ -121,7 +139,21 @@ def test_cli_runs_both_phases_and_reuses_parameters(tmp_path):
     assert json.loads((tmp_path / "ab" / "summary.json").read_text())["config"]["autobalance_params"].endswith(
         "autobalance_params.json"
     )
-    reuse = ["--backbone", "test_resnet", "--image-size", "32", "--epochs", "1", "--logger", "none", "--loss",
-             "autobalance", "--autobalance-params", str(tmp_path / "ab" / "autobalance_params.json"), "--out", "again"]
+    reuse = [
+        "--backbone",
+        "test_resnet",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--logger",
+        "none",
+        "--loss",
+        "autobalance",
+        "--autobalance-params",
+        str(tmp_path / "ab" / "autobalance_params.json"),
+        "--out",
+        "again",
+    ]
     assert run_cli.main(reuse) == 0
     assert not (tmp_path / "again" / "autobalance_params.json").exists()  # no second search

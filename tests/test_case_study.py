@@ -26,7 +26,10 @@ def test_dry_run_lists_every_cell_of_the_repository_grid(capsys):
 
 
 def test_only_filters_and_bad_grids_are_errors(tmp_path, capsys):
-    assert case_study.main(["--grid", str(GRID), "--data-dir", "d", "--only", "balanced/*", "--seeds", "1", "--dry-run"]) == 0
+    assert (
+        case_study.main(["--grid", str(GRID), "--data-dir", "d", "--only", "balanced/*", "--seeds", "1", "--dry-run"])
+        == 0
+    )
     assert "3 runs" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text("cells:\n  - {id: a, data: d, method: m, flags: {los: ce}}\n")
@@ -41,8 +44,13 @@ def write_grid(path: Path, second_flags: dict) -> Path:
         "defaults": {"backbone": "test_resnet", "epochs": 1, "image_size": 32},
         "seeds": 2,
         "cells": [
-            {"id": "digits/ce", "data": "digits", "method": "plain CE", "flags": {"loss": "ce"},
-             "lecture": {"f1": 0.5, "cats": 10, "dogs": 20}},
+            {
+                "id": "digits/ce",
+                "data": "digits",
+                "method": "plain CE",
+                "flags": {"loss": "ce"},
+                "lecture": {"f1": 0.5, "cats": 10, "dogs": 20},
+            },
             {"id": "digits/weighted", "data": "digits", "method": "weighted", "flags": second_flags},
         ],
     }
@@ -72,3 +80,22 @@ def test_tiny_grid_runs_resumes_and_tabulates(tmp_path, capsys):
     table = (tmp_path / "res" / "table.md").read_text()
     assert "± " in table and "| digits | plain CE | 2 |" in table and "| 0.5 | 10 / 20 |" in table
     assert (tmp_path / "res" / "table.png").stat().st_size > 1000
+
+
+def test_sweep_file_lists_every_trained_cell():
+    sweep = yaml.safe_load((GRID.parent / "sweeps" / "case_study.yaml").read_text())
+    grid = yaml.safe_load(GRID.read_text())
+    assert sweep["parameters"]["case-study-cell"]["values"] == [c["id"] for c in grid["cells"] if "runs_of" not in c]
+    assert sweep["method"] == "grid" and "experiments.run" in sweep["command"]
+
+
+def test_case_study_cell_flags_reach_the_run_config():
+    from experiments.run import build_parser, config_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(
+        ["--case-study-cell", "imbalanced-2/focal", "--grid", str(GRID), "--data-dir", "d", "--epochs", "2"]
+    )
+    cfg = config_from_args(args, parser)
+    assert (cfg.split, cfg.loss, cfg.gamma, cfg.alpha) == ("imbalanced-2", "focal", 2, (0.5,))
+    assert cfg.epochs == 2 and cfg.wandb_group == "imbalanced-2/focal"  # the command line wins
