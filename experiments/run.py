@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--scale", type=float, default=1.0, help="multiply every split count by this, e.g. 0.25")
     d.add_argument("--manifest", type=Path, help="replay the exact split of an earlier run's manifest.json")
     d.add_argument("--image-size", type=int, help="input size in pixels (default 224 for photos, 32 for digits)")
+    d.add_argument(
+        "--cache",
+        action="store_true",
+        help="decode and resize every photo once into a memory-mapped "
+        "uint8 file in $IMBALANCE_CACHE (~/.cache/imbalance), shared by all workers and ranks",
+    )
     d.add_argument("--num-workers", type=int, help="data-loader processes (default: min(8, CPUs); 0 for digits)")
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="resnet18", help="vgg16, resnet18, resnet50 or any timm model name")

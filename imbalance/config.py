@@ -150,6 +150,8 @@ class RunConfig:
                 "--split, --train-counts, --val-counts and --manifest choose photos from --data-dir; "
                 "the embedded digits data set has its own fixed split. Add --data-dir DIR."
             )
+        if self.cache and self.data_dir is None and self.manifest is None:
+            fail("--cache decodes photos once; the embedded digits are already in memory. Drop --cache or add --data-dir.")
         if self.split is not None and (self.train_counts or self.val_counts):
             fail("--split and --train-counts/--val-counts both set the split sizes; give only one of them")
         for name in ("train_counts", "val_counts"):

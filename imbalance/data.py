@@ -403,11 +403,23 @@ class ImageDataset(Dataset):
     """(image tensor, label, index) for a list of (sample id, label); ids are paths under `root` or
     'digits:<i>'. The index lets the module match predictions back to files under any sampler."""
 
-    def __init__(self, items: Sequence[tuple[str, int]], root: Path | None, transform) -> None:
+    def __init__(
+        self, items: Sequence[tuple[str, int]], root: Path | None, transform, cache_path: Path | None = None
+    ) -> None:
         self.items = list(items)
         self.root = root
         self.transform = transform
+        self.cache_path = cache_path
+        self._cache: np.ndarray | None = None  # opened lazily, so each worker maps the file itself
         self._digits = _digits()[0] if root is None else None
+
+    def load_input(self, index: int):
+        """What the transform takes: a PIL image, or the cached uint8 tensor."""
+        if self.cache_path is None:
+            return self.load_image(index)
+        if self._cache is None:
+            self._cache = np.load(self.cache_path, mmap_mode="r")
+        return torch.from_numpy(np.array(self._cache[index]))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -429,13 +441,13 @@ class ImageDataset(Dataset):
         """`key` is an index, or (index, augmentation seed) from a training `EpochSampler`."""
         if isinstance(key, tuple):
             index, aug_seed = key
-            image = self.load_image(index)
+            image = self.load_input(index)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(aug_seed)
                 tensor = self.transform(image)
         else:
             index = key
-            tensor = self.transform(self.load_image(index))
+            tensor = self.transform(self.load_input(index))
         return tensor, self.items[index][1], index
 
 
@@ -461,6 +473,77 @@ def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
     return v2.Compose(resize + finish)
 
 
+# ------------------------------------------------------------------------------------ decode-once cache
+
+CACHE_VERSION = 1
+
+
+def cache_base_transform(image_size: int, train: bool) -> v2.Compose:
+    """The deterministic part of the photo pipeline, PIL -> uint8 (3, H, W), stored by the cache.
+
+    Validation: resize and centre crop, exactly the uncached evaluation transform before normalisation.
+    Training: resize and a centre square of side image_size / 0.875, on which the random crop then works
+    (so cached training crops come from the centre square, not the whole photo).
+    """
+    side = int(math.ceil(image_size / 0.875))
+    return v2.Compose([v2.Resize(side, antialias=True), v2.CenterCrop(side if train else image_size), v2.ToImage()])
+
+
+def cached_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool) -> v2.Compose:
+    """uint8 tensors from the cache -> normalised float tensors, with the augmentation done on uint8."""
+    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    if train:
+        augment = [v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+        return v2.Compose(augment + finish)
+    return v2.Compose(finish)
+
+
+def _decode_for_cache(job: tuple[str, int, bool]) -> np.ndarray:
+    path, image_size, train = job
+    with Image.open(path) as img:
+        return cache_base_transform(image_size, train)(img.convert("RGB")).numpy()
+
+
+def build_decoded_cache(
+    items: Sequence[tuple[str, int]], root: Path, image_size: int, train: bool, workers: int | None = None
+) -> Path:
+    """Decode and resize every image once into a uint8 .npy in $IMBALANCE_CACHE; return its path.
+
+    The file is named by a hash of (root, the exact item list, size, kind), so a changed split or size
+    builds a new one. It is memory-mapped read-only by every loader worker and DDP rank (the page cache
+    holds one copy). Written to a temporary file and renamed; local ranks > 0 wait for rank 0's file.
+    """
+    key = json.dumps([CACHE_VERSION, str(Path(root).resolve()), [list(i) for i in items], image_size, train])
+    path = _cache_dir() / f"decoded-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
+    waited = 0.0
+    while not path.is_file() and _local_rank() > 0 and waited < 1800:
+        time.sleep(1.0)
+        waited += 1.0
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    side = int(math.ceil(image_size / 0.875)) if train else image_size
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), 3, side, side))
+    jobs = [(str(Path(root) / p), image_size, train) for p, _ in items]
+    try:
+        workers = workers or min(8, os.cpu_count() or 1)
+        if workers > 1 and len(jobs) > 256:
+            with ProcessPoolExecutor(workers) as pool:
+                for i, decoded in enumerate(pool.map(_decode_for_cache, jobs, chunksize=64)):
+                    array[i] = decoded
+        else:
+            for i, job in enumerate(jobs):
+                array[i] = _decode_for_cache(job)
+        array.flush()
+        del array
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def default_image_size(split: SplitData) -> int:
     return 224 if split.root is not None else 32
 
@@ -483,6 +566,7 @@ class ImbalanceDataModule(L.LightningDataModule):
         sampling: str = "none",
         seed: int = 0,
         num_workers: int = 0,
+        cache: bool = False,
     ) -> None:
         super().__init__()
         self.split = split
@@ -491,8 +575,20 @@ class ImbalanceDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         photos = split.root is not None
-        self.train_set = ImageDataset(split.train, split.root, make_transform(image_size, mean, std, True, photos))
-        self.val_set = ImageDataset(split.val, split.root, make_transform(image_size, mean, std, False, photos))
+        if cache and not photos:
+            raise DataError("--cache decodes photos once; the embedded digits are already in memory. Drop --cache.")
+        if cache:  # built here, in the launching process, before any DDP worker starts
+            train_cache = build_decoded_cache(split.train, split.root, image_size, train=True)
+            val_cache = build_decoded_cache(split.val, split.root, image_size, train=False)
+            self.train_set = ImageDataset(
+                split.train, split.root, cached_transform(image_size, mean, std, True), train_cache
+            )
+            self.val_set = ImageDataset(
+                split.val, split.root, cached_transform(image_size, mean, std, False), val_cache
+            )
+        else:
+            self.train_set = ImageDataset(split.train, split.root, make_transform(image_size, mean, std, True, photos))
+            self.val_set = ImageDataset(split.val, split.root, make_transform(image_size, mean, std, False, photos))
 
     def _replicas(self) -> tuple[int, int]:
         trainer = self.trainer

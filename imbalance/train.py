@@ -390,8 +390,9 @@ def prepare(cfg: RunConfig):
     image_size = cfg.image_size or default_image_size(split)
     mean, std = _normalisation(backbone)
     datamodule = ImbalanceDataModule(
-        split, image_size, mean, std, cfg.batch_size, cfg.sampling, cfg.seed, _num_workers(cfg, split)
+        split, image_size, mean, std, cfg.batch_size, cfg.sampling, cfg.seed, _num_workers(cfg, split), cfg.cache
     )
+
     module = ImbalanceClassifier(
         backbone, loss, cfg.to_dict(), split.train_counts, split.class_names, image_size, mean, std
     )

@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_class_tree, write_image
+from PIL import Image
 
 from imbalance.config import RunConfig
 from imbalance.data import (
@@ -199,3 +201,37 @@ def test_embedded_digits_is_imbalanced_and_stratified():
     image, label, _ = ImageDataset(split.val, None, make_transform(32, (0.5,) * 3, (0.5,) * 3, False, False))[0]
     assert image.shape == (3, 32, 32) and isinstance(label, int)
     assert torch.isfinite(image).all()
+
+
+def test_decode_once_cache_matches_the_uncached_pipeline(tmp_path):
+    from imbalance.data import ImbalanceDataModule, build_decoded_cache, cache_base_transform
+
+    root = messy_petimages(tmp_path / "PetImages")
+    split = load_split(RunConfig(data_dir=root, seed=0))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    plain = ImbalanceDataModule(split, 24, mean, std, batch_size=5)
+    cached = ImbalanceDataModule(split, 24, mean, std, batch_size=5, cache=True)
+    assert cached.val_set.cache_path is not None
+    batches = zip(plain.val_dataloader(), cached.val_dataloader(), strict=True)
+    for (x_plain, y_plain, i_plain), (x_cached, y_cached, i_cached) in batches:
+        assert torch.equal(x_plain, x_cached) and torch.equal(y_plain, y_cached) and torch.equal(i_plain, i_cached)
+    # training: the cache holds the deterministic base the random crop starts from
+    base = np.load(cached.train_set.cache_path, mmap_mode="r")
+    assert base.shape == (len(split.train), 3, 28, 28) and base.dtype == np.uint8
+    for i, (path, _) in enumerate(split.train[:5]):
+        with Image.open(root / path) as img:
+            expected = cache_base_transform(24, train=True)(img.convert("RGB"))
+        assert torch.equal(torch.from_numpy(np.array(base[i])), expected)
+    first, second = next(iter(plain.train_dataloader())), next(iter(cached.train_dataloader()))
+    assert torch.equal(first[2], second[2]) and first[0].shape == second[0].shape  # same samples, same order
+    # the same split and size reuse the file; another size builds another one
+    assert build_decoded_cache(split.val, split.root, 24, train=False) == cached.val_set.cache_path
+    assert build_decoded_cache(split.val, split.root, 32, train=False) != cached.val_set.cache_path
+    assert not list((tmp_path / ".cache").glob("*.tmp*"))
+
+
+def test_cache_needs_photos():
+    from imbalance.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--cache"):
+        RunConfig(cache=True).validate()
