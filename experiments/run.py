@@ -149,6 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--precision", help="Lightning precision (default: bf16-mixed on GPUs that support it, else 32-true)"
     )
+    o.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="NHWC memory format (default: on for GPUs, off on CPUs; experiments.benchmark measures it)",
+    )
+    o.add_argument("--compile", action="store_true", help="torch.compile the backbone")
     o.add_argument("--deterministic", action="store_true", help="deterministic algorithms (warn where none exists)")
     h = p.add_argument_group("hardware")
     h.add_argument("--gpus", type=int, help="number of GPUs (DDP when more than one)")

@@ -80,6 +80,8 @@ class RunConfig:
     weight_decay: float = 0.05
     seed: int = 0
     precision: str | None = None
+    channels_last: bool | None = None  # None: on for GPUs, off on CPUs unless asked (measure it: benchmark)
+    compile: bool = False
     deterministic: bool = False
     # hardware
     gpus: int | None = None
@@ -151,7 +153,9 @@ class RunConfig:
                 "the embedded digits data set has its own fixed split. Add --data-dir DIR."
             )
         if self.cache and self.data_dir is None and self.manifest is None:
-            fail("--cache decodes photos once; the embedded digits are already in memory. Drop --cache or add --data-dir.")
+            fail(
+                "--cache decodes photos once; the embedded digits are already in memory. Drop --cache or add --data-dir."
+            )
         if self.split is not None and (self.train_counts or self.val_counts):
             fail("--split and --train-counts/--val-counts both set the split sizes; give only one of them")
         for name in ("train_counts", "val_counts"):

@@ -167,7 +167,18 @@ class ImbalanceClassifier(L.LightningModule):
         self.val_predictions: dict[str, Tensor] | None = None  # (index, label, prob) of the last val epoch
 
     def forward(self, images: Tensor) -> Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images)
+
+    @property
+    def channels_last(self) -> bool:
+        wanted = self.hparams.config.get("channels_last")
+        return self.device.type == "cuda" if wanted is None else bool(wanted)
+
+    def on_fit_start(self) -> None:
+        if self.channels_last:  # NHWC convolutions: faster on tensor cores; on CPUs it depends (benchmark)
+            self.backbone.to(memory_format=torch.channels_last)
 
     def on_train_epoch_start(self) -> None:
         if hasattr(self.loss_fn, "set_epoch"):  # e.g. LDAM's deferred re-weighting

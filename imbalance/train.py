@@ -396,6 +396,8 @@ def prepare(cfg: RunConfig):
     module = ImbalanceClassifier(
         backbone, loss, cfg.to_dict(), split.train_counts, split.class_names, image_size, mean, std
     )
+    if cfg.compile:
+        module.backbone.compile()  # in place: the state dict keeps the backbone's own parameter names
     return split, module, datamodule
 
 
@@ -409,6 +411,7 @@ def _trainer_options(cfg: RunConfig, hw: dict[str, Any], run_dir: Path) -> dict[
         log_every_n_steps=10,
         enable_model_summary=False,
         enable_progress_bar=sys.stderr.isatty(),  # a progress bar in a log file is megabytes of noise
+        benchmark=True if torch.cuda.is_available() and hw["accelerator"] != "cpu" else None,  # cudnn autotune
         **hw,
     )
 

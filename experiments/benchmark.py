@@ -1,0 +1,64 @@
+"""Measure where the time goes: `python -m experiments.benchmark [--backbone B] [--image-size S]
+[--batch-size N] [--steps K] [--data-dir DIR] [--out FILE]`. Prints images per second and the ratios
+(Lightning / plain loop, data / model, cached / uncached, each loss / ce) and writes them as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments.benchmark",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; medians are reported")
+    p.add_argument("--data-dir", type=Path, help="photo folder (default: the embedded digits)")
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of the photos to use")
+    p.add_argument("--num-workers", type=int, help="data-loader processes")
+    p.add_argument("--cache", action="store_true", help="run the end-to-end paths on the decode-once cache")
+    p.add_argument("--channels-last", action="store_true", help="end-to-end paths in channels_last")
+    p.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
+    p.add_argument("--no-memory", action="store_true", help="skip the loader-memory measurement")
+    p.add_argument("--out", type=Path, help="write the report as JSON here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from imbalance.benchmark import format_report, run_benchmark
+    from imbalance.config import RunConfig
+    from imbalance.io import atomic_write_json
+
+    cfg = RunConfig(
+        data_dir=args.data_dir,
+        backbone=args.backbone,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        cache=args.cache,
+        channels_last=args.channels_last,
+        precision=args.precision,
+        accelerator=args.accelerator,
+        scale=args.scale,
+        train_counts=None,
+        logger="csv",
+    ).validate()
+    report = run_benchmark(cfg, args.steps, args.warmup, args.rounds, memory_check=not args.no_memory)
+    print(format_report(report))
+    if args.out:
+        atomic_write_json(args.out, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
