@@ -149,6 +149,11 @@ def plan_runs(grid: Grid, cells: list[Cell], results: Path, overrides: dict[str,
     return plans
 
 
+def total_wall_time(plans: list[Plan]) -> float:
+    """Seconds of training behind the finished runs (their own wall times, resumed parts included)."""
+    return sum(json.loads((p.run_dir / "summary.json").read_text()).get("wall_time_s", 0.0) for p in plans if p.done)
+
+
 def execute(plans: list[Plan], log: Any = print) -> list[tuple[Plan, str]]:
     """Run the unfinished plans one after another; return the failures with their last output lines."""
     failures = []
