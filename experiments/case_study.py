@@ -8,6 +8,7 @@ command resumes after a crash or Ctrl-C. Writes results/<name>/table.md, table.c
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from imbalance.case_study import execute, load_grid, plan_runs, select, write_results
+    from imbalance.case_study import execute, load_grid, plan_runs, select, total_wall_time, write_results
     from imbalance.config import ConfigError
 
     try:
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         plans = plan_runs(grid, cells, results, overrides, args.seeds)
     except ConfigError as error:
         parser.exit(2, f"error: {error}\n")
+    import torch
+
     if args.dry_run:
         for plan in plans:
             state = "done" if plan.done else "todo"
@@ -73,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"# Case study: {grid.name}\n\nRegenerate with `{command}`.\n"
         f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
-        f"({platform.processor() or 'cpu'}), this invocation's wall time {time.time() - started:.0f} s. "
+        f"({platform.processor() or 'cpu'}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads): "
+        f"{sum(p.done for p in plans)} runs, {total_wall_time(plans) / 60:.0f} min of training in all "
+        f"(this invocation {time.time() - started:.0f} s). "
         "Metrics are those of the last epoch on the validation split (no selection on validation) unless "
         "the method says otherwise; mean ± sample std over seeds."
     )
