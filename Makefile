@@ -2,7 +2,7 @@
 PYTHON ?= python
 STAMP := .install-stamp
 
-.PHONY: install run test test-fast lint format clean
+.PHONY: install run test test-fast lint format strip clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -26,6 +26,9 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(PYTHON) -m ruff format .
 	$(PYTHON) -m ruff check --fix .
+
+strip:  # notebooks are stored without outputs (tests/test_notebooks.py checks it)
+	$(PYTHON) -c "import nbformat, pathlib; [nbformat.write(nb, p) for p in pathlib.Path('notebooks').glob('*.ipynb') for nb in [nbformat.read(p, as_version=4)] if [c.update(outputs=[], execution_count=None) for c in nb.cells if c.cell_type == 'code'] is not None]"
 
 clean:
 	rm -rf $(STAMP) runs wandb lightning_logs .pytest_cache
