@@ -287,16 +287,19 @@ def draw_split(
     class_names: tuple[str, str],
     counts: tuple[tuple[int, int], tuple[int, int]] | None,
     seed: int,
+    scale: float = 1.0,
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Validation first, then training, from each class's seeded permutation. Ids keep their given form."""
+    """Validation first, then training, from each class's seeded permutation. Ids keep their given form.
+    With no counts, every image is used (`scale` of them), 12% of each class for validation."""
     train: list[tuple[str, int]] = []
     val: list[tuple[str, int]] = []
     for label in (1, 0):
         name = class_names[label]
         pool = _class_permutation(sorted(files[name]), seed, name)
         if counts is None:
-            n_val = max(1, round(DEFAULT_VAL_FRACTION * len(pool)))
-            n_train = len(pool) - n_val
+            used = max(2, round(scale * len(pool)))
+            n_val = max(1, round(DEFAULT_VAL_FRACTION * used))
+            n_train = used - n_val
         else:
             # counts are positive-first; label 1 is the positive class
             n_train = counts[0][1 - label]
@@ -338,7 +341,7 @@ def load_split(cfg: RunConfig) -> SplitData:
         val = sorted((p, int(c == class_names[1])) for c, f in found.presplit["val"].items() for p in usable(f))
     else:
         files = {c: usable(f) for c, f in found.files.items()}
-        train, val = draw_split(files, class_names, split_counts(cfg), cfg.seed)
+        train, val = draw_split(files, class_names, split_counts(cfg), cfg.seed, cfg.scale)
     source = f"{found.layout} photos in {found.root}"
     return SplitData(source, class_names, train, val, found.root, skipped, found.layout)
 

@@ -235,3 +235,10 @@ def test_cache_needs_photos():
 
     with pytest.raises(ConfigError, match="--cache"):
         RunConfig(cache=True).validate()
+
+
+def test_scale_applies_to_the_default_split(big_pool):
+    full = load_split(RunConfig(data_dir=big_pool, seed=0))
+    tenth = load_split(RunConfig(data_dir=big_pool, seed=0, scale=0.1))
+    assert sum(full.train_counts) + sum(full.val_counts) == 250
+    assert tenth.train_counts[1] + tenth.val_counts[1] == 12 and tenth.train_counts[0] + tenth.val_counts[0] == 13
