@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from datetime import datetime
@@ -421,6 +422,8 @@ def autobalance_search(cfg: RunConfig, run_dir: Path, hw: dict[str, Any], logger
     from imbalance.autobalance import AutoBalanceSearch, initial_loss, plot_trajectory, save_params, search_split
     from imbalance.data import SearchDataModule
 
+    if cfg.fast_dev_run:  # a smoke test writes nothing into the run directory
+        run_dir = Path(tempfile.mkdtemp(prefix="imbalance-fast-dev-run-"))
     params_file = run_dir / "autobalance_params.json"
     if cfg.resume and params_file.is_file():
         return params_file

@@ -202,3 +202,23 @@ def test_unknown_flag_is_an_error(capsys):
     with pytest.raises(SystemExit):
         run_cli.main(["--lossy", "ce"])
     assert "unrecognized arguments: --lossy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "ce",
+        "bce",
+        "weighted",
+        "focal",
+        "sigmoid-focal",
+        "cb",
+        "ldam",
+        "logit-adjusted",
+        "balanced-softmax",
+        "autobalance",
+    ],
+)
+def test_every_loss_runs_from_the_cli_on_the_embedded_default(loss, tmp_path):
+    extra = ["--autobalance-search-epochs", "1"] if loss == "autobalance" else []
+    assert run_cli.main([*TINY, "--loss", loss, "--fast-dev-run", "--logger", "none", *extra]) == 0
