@@ -15,7 +15,8 @@ backbone), and it is exact for a linear model, which the tests check against fin
 
 alpha is kept normalised so the loss scale cannot collapse: w = K softmax(omega) (sums to K),
 Delta = exp(delta - mean delta) (geometric mean 1), l = lambda - mean lambda (softmax ignores a shift).
-Under DDP the hypergradient is averaged across ranks like any gradient, so every rank keeps the same alpha.
+Under DDP every rank gathers the batch's features from all ranks and computes the hypergradient of the global
+batch, so alpha is the same on every rank and the same as one process would find with the global batch.
 """
 
 from __future__ import annotations
@@ -218,13 +219,17 @@ class AutoBalanceSearch(L.LightningModule):
         meta_images, meta_labels, _ = batch["meta"]
         with torch.no_grad():
             meta_feats = self._features(meta_images)
+        train_feats, train_labels = feats.detach(), labels
+        if self.trainer.world_size > 1:
+            # The hypergradient is not linear in the batch (a class-balanced mean, an unrolled step), so
+            # averaging per-rank hypergradients would not give the single-process one. The features are
+            # small: gather every rank's, and let each rank compute the same hypergradient of the global batch.
+            train_feats, train_labels, meta_feats, meta_labels = (
+                self.all_gather(t).flatten(0, 1) for t in (train_feats, train_labels, meta_feats, meta_labels)
+            )
         val_loss, hypergrads = head_hypergradient(
-            self.loss_fn, head, feats.detach(), labels, meta_feats, meta_labels, self.inner_lr, self.objective
+            self.loss_fn, head, train_feats, train_labels, meta_feats, meta_labels, self.inner_lr, self.objective
         )
-        if self.trainer.world_size > 1:  # average the hypergradient over ranks, like DDP does for weights
-            for g in hypergrads:
-                torch.distributed.all_reduce(g)
-                g /= self.trainer.world_size
         opt_alpha.zero_grad()
         for p, g in zip((self.loss_fn.omega, self.loss_fn.delta, self.loss_fn.offset), hypergrads, strict=True):
             p.grad = g

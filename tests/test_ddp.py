@@ -119,3 +119,41 @@ def test_same_seed_same_metrics(tmp_path):
     for name in ("a", "b"):
         assert run_cli.main([*TINY, "--epochs", "2", "--deterministic", "--sampling", "over", "--out", name]) == 0
     assert read_csv(tmp_path / "a" / "metrics.csv") == read_csv(tmp_path / "b" / "metrics.csv")
+
+
+def test_autobalance_search_under_ddp_finds_the_single_process_alpha(tmp_path):
+    # ConvNeXt normalises per sample (LayerNorm), so 2 x batch 4 trains like 1 x batch 8, and the ranks gather
+    # their features for the hypergradient: alpha agrees up to floating-point reduction order. (The search
+    # split leaves 8 + 32 training images: even, so no rank pads its shard.)
+    tree = make_class_tree(tmp_path / "pets", {"Cat": 16, "Dog": 48})
+    common = [
+        "--data-dir",
+        str(tree),
+        "--train-counts",
+        "10,40",
+        "--val-counts",
+        "4,4",
+        "--backbone",
+        "test_convnext",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--loss",
+        "autobalance",
+        "--autobalance-search-epochs",
+        "3",
+        "--num-workers",
+        "0",
+        "--logger",
+        "csv",
+        "--seed",
+        "1",
+    ]
+    cli(*common, "--batch-size", "8", "--out", "one")
+    cli(*common, "--batch-size", "4", "--accelerator", "cpu", "--devices", "2", "--out", "two")
+    one, two = (json.loads((tmp_path / d / "autobalance_params.json").read_text()) for d in ("one", "two"))
+    moved = max(abs(a - b) for a, b in zip(one["weights"] + one["scales"], [1.0] * 4, strict=True))
+    assert moved > 0.05, one  # the search did move alpha
+    for key in ("weights", "scales", "offsets"):
+        assert one[key] == pytest.approx(two[key], abs=1e-3), (key, one[key], two[key])
