@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, help="seeds per cell (default: the grid's, per cell)")
     p.add_argument("--gpus", type=int, help="GPUs per run (DDP when more than one)")
     p.add_argument("--logger", default="csv", choices=["wandb", "csv", "tensorboard", "none"])
-    p.add_argument("--only", help="run only cells whose id matches this glob or substring")
+    p.add_argument(
+        "--only", help="run only cells whose id matches this glob or substring (comma-separated: any of them)"
+    )
+    p.add_argument("--table-only", action="store_true", help="write the table from the finished runs; train nothing")
     p.add_argument("--results", type=Path, help="output folder (default results/<grid name>)")
     p.add_argument("--dry-run", action="store_true", help="list the runs that would be made, and stop")
     return p
@@ -71,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(plans)} runs, {sum(not p.done for p in plans)} to do, {len(cells)} cells")
         return 0
     started = time.time()
-    failures = execute(plans)
+    failures = [] if args.table_only else execute(plans)
     command = "python -m experiments.case_study " + shlex.join(argv if argv is not None else sys.argv[1:])
     header = (
         f"# Case study: {grid.name}\n\nRegenerate with `{command}`.\n"

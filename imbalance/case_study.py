@@ -87,7 +87,11 @@ def load_grid(path: Path) -> Grid:
 
 
 def select(grid: Grid, pattern: str | None) -> list[Cell]:
-    return [c for c in grid.cells if pattern is None or fnmatch.fnmatch(c.id, pattern) or pattern in c.id]
+    """Cells whose id matches one of the comma-separated globs or substrings of `pattern` (all if None)."""
+    if pattern is None:
+        return list(grid.cells)
+    parts = [p.strip() for p in pattern.split(",") if p.strip()]
+    return [c for c in grid.cells if any(fnmatch.fnmatch(c.id, p) or p in c.id for p in parts)]
 
 
 def run_flags(values: dict[str, Any]) -> list[str]:
