@@ -23,6 +23,12 @@ from imbalance.losses import LOSSES, build_loss
 from imbalance.train import prepare
 
 
+def _endless(loader):
+    """The loader's batches, starting a new epoch whenever one runs out."""
+    while True:
+        yield from loader
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -70,13 +76,9 @@ def plain_loop_rate(
     model = model.to(device, memory_format=memory).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     seen, start = 0, None
-    batches = iter(loader)
+    batches = _endless(loader)
     for i in range(warmup + steps):
-        try:
-            x, y, _ = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y, _ = next(batches)
+        x, y, _ = next(batches)
         if i == warmup:
             _sync(device)
             start = time.perf_counter()
@@ -143,13 +145,9 @@ def lightning_rate(cfg: RunConfig, steps: int, warmup: int, accelerator: str) ->
 def data_rate(loader, steps: int, warmup: int) -> float:
     """Images per second the training loader delivers on its own."""
     seen, start = 0, None
-    batches = iter(loader)
+    batches = _endless(loader)
     for i in range(warmup + steps):
-        try:
-            _, y, _ = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            _, y, _ = next(batches)
+        _, y, _ = next(batches)
         if i == warmup:
             start = time.perf_counter()
         if i >= warmup:
