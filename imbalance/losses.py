@@ -53,6 +53,31 @@ def _log_prior(class_counts: Sequence[int]) -> Tensor:
     return torch.log(counts / counts.sum()).float()
 
 
+def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """`F.cross_entropy(logits, target, weight=weight)`: sum_i w_{y_i} l_i / sum_i w_{y_i}, with the denominator
+    taken over the *global* batch under DDP.
+
+    DDP averages the ranks' gradients. For a plain mean that is the gradient of the global batch, but a
+    weighted mean normalised per rank would weigh each rank's samples by its own total weight. So here each
+    rank divides its weighted sum by the all-reduced total weight and multiplies by the number of ranks: the
+    averaged gradient is then exactly the single-process one. Without a process group it is the plain formula.
+    """
+    weight = weight.to(logits.dtype)
+    log_probs = F.log_softmax(logits, dim=-1)
+    nll = -log_probs.gather(1, target[:, None]).squeeze(1)
+    w = weight[target]
+    per_sample = w * nll
+    if label_smoothing:  # as PyTorch: the uniform part is weighted by each class's own weight
+        smooth = -(log_probs * weight).sum(dim=1) / logits.shape[1]
+        per_sample = (1 - label_smoothing) * per_sample + label_smoothing * smooth
+    weighted_sum, weight_sum = per_sample.sum(), w.sum()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        total = weight_sum.detach().clone()
+        torch.distributed.all_reduce(total)
+        return weighted_sum * torch.distributed.get_world_size() / total
+    return weighted_sum / weight_sum
+
+
 def _check_logits(logits: Tensor, target: Tensor, num_classes: int | None = None) -> None:
     if logits.ndim != 2:
         raise ValueError(f"logits must have shape (N, K), got {tuple(logits.shape)}")
@@ -101,9 +126,7 @@ class WeightedCrossEntropy(nn.Module):
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         _check_logits(logits, target, len(self.class_weights))
-        return F.cross_entropy(
-            logits, target, weight=self.class_weights.to(logits.dtype), label_smoothing=self.label_smoothing
-        )
+        return weighted_cross_entropy(logits, target, self.class_weights, self.label_smoothing)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, class_counts: Sequence[int]) -> WeightedCrossEntropy:
@@ -252,7 +275,7 @@ class ClassBalancedLoss(nn.Module):
         if self.base is not None:
             return self.base(logits, target)
         _check_logits(logits, target, len(self.class_weights))
-        return F.cross_entropy(logits, target, weight=self.class_weights.to(logits.dtype))
+        return weighted_cross_entropy(logits, target, self.class_weights)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, class_counts: Sequence[int]) -> ClassBalancedLoss:
@@ -297,7 +320,9 @@ class LDAMLoss(nn.Module):
         _check_logits(logits, target, len(self.margins))
         shifted = logits - F.one_hot(target, logits.shape[1]).to(logits.dtype) * self.margins.to(logits.dtype)
         weight = self.drw_weights.to(logits.dtype) if self.reweight else None
-        return F.cross_entropy(self.scale * shifted, target, weight=weight)
+        if weight is None:
+            return F.cross_entropy(self.scale * shifted, target)
+        return weighted_cross_entropy(self.scale * shifted, target, weight)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, class_counts: Sequence[int]) -> LDAMLoss:

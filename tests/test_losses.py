@@ -47,11 +47,12 @@ def test_ce_matches_functional(seed, shape, smoothing):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_weighted_matches_functional(seed, shape):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_weighted_matches_functional(seed, shape, smoothing):
     logits, target = random_batch(seed, *shape)
     weights = torch.rand(shape[1], generator=torch.Generator().manual_seed(seed)) + 0.1
-    expected = F.cross_entropy(logits, target, weight=weights)
-    torch.testing.assert_close(WeightedCrossEntropy(weights.tolist())(logits, target), expected)
+    expected = F.cross_entropy(logits, target, weight=weights, label_smoothing=smoothing)
+    torch.testing.assert_close(WeightedCrossEntropy(weights.tolist(), smoothing)(logits, target), expected)
 
 
 @pytest.mark.parametrize(
@@ -226,7 +227,12 @@ def test_losses_and_gradients_are_finite_at_extreme_logits(gamma, magnitude):
         assert torch.isfinite(logits.grad).all(), (type(loss).__name__, gamma, magnitude)
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+def test_autobalance_needs_its_searched_parameters():
+    with pytest.raises(ValueError, match="needs its searched parameters"):
+        build_loss(RunConfig(loss="autobalance"), [90, 10])
+
+
+@pytest.mark.parametrize("name", [n for n in LOSSES if n != "autobalance"])
 def test_every_loss_builds_from_config(name):
     loss = build_loss(RunConfig(loss=name), [90, 10])
     k = loss.num_outputs
