@@ -49,6 +49,7 @@ class Grid:
     cells: list[Cell]
     defaults: dict[str, Any]
     seeds: int
+    notes: str = ""  # printed under the table: what the rows can and cannot be compared with
 
     def seeds_of(self, cell: Cell, override: int | None = None) -> list[int]:
         return list(range(override if override is not None else (cell.seeds or self.seeds)))
@@ -83,7 +84,8 @@ def load_grid(path: Path) -> Grid:
     bad_defaults = set(raw.get("defaults", {})) - fields
     if bad_defaults:
         raise ConfigError(f"--grid {path}: unknown defaults {sorted(bad_defaults)}")
-    return Grid(raw.get("name", Path(path).stem), cells, raw.get("defaults", {}), int(raw.get("seeds", 1)))
+    return Grid(raw.get("name", Path(path).stem), cells, raw.get("defaults", {}), int(raw.get("seeds", 1)),
+                raw.get("notes", ""))
 
 
 def select(grid: Grid, pattern: str | None) -> list[Cell]:
@@ -348,6 +350,8 @@ def plot_table(rows: list[dict[str, Any]], path: Path) -> None:
 def write_results(grid: Grid, cells: list[Cell], results: Path, seeds: int | None, header: str) -> list[dict[str, Any]]:
     rows = collect(grid, cells, results, seeds)
     markdown, table_csv = render_table(rows, header)
+    if grid.notes:
+        markdown += "\n" + grid.notes.strip() + "\n"
     atomic_write_text(results / "table.md", markdown)
     atomic_write_text(results / "table.csv", table_csv)
     plot_table(rows, results / "table.png")
