@@ -84,8 +84,9 @@ def load_grid(path: Path) -> Grid:
     bad_defaults = set(raw.get("defaults", {})) - fields
     if bad_defaults:
         raise ConfigError(f"--grid {path}: unknown defaults {sorted(bad_defaults)}")
-    return Grid(raw.get("name", Path(path).stem), cells, raw.get("defaults", {}), int(raw.get("seeds", 1)),
-                raw.get("notes", ""))
+    return Grid(
+        raw.get("name", Path(path).stem), cells, raw.get("defaults", {}), int(raw.get("seeds", 1)), raw.get("notes", "")
+    )
 
 
 def select(grid: Grid, pattern: str | None) -> list[Cell]:

@@ -71,7 +71,11 @@ def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor, label
         smooth = -(log_probs * weight).sum(dim=1) / logits.shape[1]
         per_sample = (1 - label_smoothing) * per_sample + label_smoothing * smooth
     weighted_sum, weight_sum = per_sample.sum(), w.sum()
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         total = weight_sum.detach().clone()
         torch.distributed.all_reduce(total)
         return weighted_sum * torch.distributed.get_world_size() / total
