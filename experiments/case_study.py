@@ -17,6 +17,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m experiments.case_study",
@@ -75,14 +85,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.time()
     failures = [] if args.table_only else execute(plans)
-    command = "python -m experiments.case_study " + shlex.join(argv if argv is not None else sys.argv[1:])
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python -m experiments.case_study " + shlex.join([a for a in given if a != "--table-only"])
     header = (
         f"# Case study: {grid.name}\n\nRegenerate with `{command}`.\n"
         f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
-        f"({platform.processor() or 'cpu'}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads): "
+        f"({cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads): "
         f"{sum(p.done for p in plans)} runs, {total_wall_time(plans) / 60:.0f} min of training in all "
-        f"(this invocation {time.time() - started:.0f} s). "
-        "Metrics are those of the last epoch on the validation split (no selection on validation) unless "
+        + (
+            "(table written from the finished runs with --table-only). "
+            if args.table_only
+            else f"(this invocation {time.time() - started:.0f} s). "
+        )
+        + "Metrics are those of the last epoch on the validation split (no selection on validation) unless "
         "the method says otherwise; mean ± sample std over seeds."
     )
     write_results(grid, cells, results, args.seeds, header)
