@@ -1,5 +1,6 @@
 """Evaluate a checkpoint: `python -m experiments.evaluate --checkpoint runs/NAME/checkpoints/best.ckpt
---data-dir DIR --out DIR [--threshold T] [--bootstrap 1000]`. Writes metrics.json and predictions.csv."""
+[--data-dir DIR | --manifest FILE] --out DIR [--threshold T] [--bootstrap 1000]`. Writes metrics.json and
+predictions.csv. Without --data-dir it scores the run's validation split, replayed from its manifest.json."""
 
 from __future__ import annotations
 
@@ -16,7 +17,18 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt written by experiments.run")
-    p.add_argument("--data-dir", type=Path, help="any supported folder layout; default: the run's validation split")
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        help="a folder to score, in any supported layout (of a pre-split train/+validation/ folder: validation/ "
+        "only); default: the run's validation split, from its manifest",
+    )
+    p.add_argument(
+        "--manifest",
+        type=Path,
+        help="the run's manifest.json whose validation split to score (default: RUN/manifest.json for "
+        "RUN/checkpoints/*.ckpt); with --data-dir, its files are read under that folder",
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and predictions.csv")
     p.add_argument("--threshold", type=float, help="also report metrics at this decision threshold on P(positive)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the F1 95%% interval (0: none)")
@@ -48,9 +60,10 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             args.batch_size,
             args.num_workers,
+            args.manifest,
         )
-    except (ConfigError, DataError, WeightsError) as error:
-        parser.exit(2, f"error: {error}\n")
+    except (ConfigError, DataError, WeightsError, OSError) as error:  # OSError: e.g. --out is not writable
+        parser.exit(2, "error: " + " ".join(str(error).split()) + "\n")  # one line, whatever the message
     print(json.dumps(metrics, indent=2))
     return 0
 

@@ -147,9 +147,10 @@ class RunConfig:
             fail("--freeze-backbone trains only the head on a random backbone; add --pretrained or --weights")
 
         # data
-        if self.data_dir is None and (self.split or self.train_counts or self.val_counts or self.manifest):
+        # --manifest needs no --data-dir: the manifest says where its data is (a folder, or the embedded digits)
+        if self.data_dir is None and (self.split or self.train_counts or self.val_counts):
             fail(
-                "--split, --train-counts, --val-counts and --manifest choose photos from --data-dir; "
+                "--split, --train-counts and --val-counts choose photos from --data-dir; "
                 "the embedded digits data set has its own fixed split. Add --data-dir DIR."
             )
         if self.cache and self.data_dir is None and self.manifest is None:

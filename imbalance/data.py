@@ -69,6 +69,7 @@ class SplitData:
         return [labels.count(0), labels.count(1)]
 
     def manifest(self) -> dict:
+        """The split as JSON, with a sha256 over everything that defines it (a checkpoint carries it)."""
         body = {
             "root": None if self.root is None else str(self.root),
             "layout": self.layout,
@@ -76,8 +77,21 @@ class SplitData:
             "train": [list(item) for item in self.train],
             "val": [list(item) for item in self.val],
         }
-        digest = hashlib.sha256(json.dumps([body["train"], body["val"]]).encode()).hexdigest()
-        return {"version": 1, "sha256": digest, **body}
+        return {"version": MANIFEST_VERSION, "sha256": manifest_digest(body, MANIFEST_VERSION), **body}
+
+
+MANIFEST_VERSION = 2
+
+
+def manifest_digest(manifest: dict, version: int) -> str:
+    """sha256 of what defines a split. Version 1 hashed only the two file lists; version 2 also the class
+    names (which label is positive) and the layout, so no edit of them goes unnoticed. Not the root: the
+    same split may be replayed from another copy of the folder."""
+    if version == 1:
+        body: object = [manifest["train"], manifest["val"]]
+    else:
+        body = {key: manifest[key] for key in ("class_names", "layout", "train", "val")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- layouts
@@ -332,10 +346,11 @@ def load_split(cfg: RunConfig) -> SplitData:
         return [str(p.relative_to(found.root)) for p in paths if str(p) not in bad]
 
     if found.presplit is not None:
-        if split_counts(cfg) is not None:
+        given = _split_options(cfg)
+        if given:
             raise DataError(
-                f"--data-dir {cfg.data_dir} is already split into train/ and validation/ and is used as given; "
-                "drop --split/--train-counts/--scale, or point --data-dir at an unsplit folder"
+                f"{', '.join(given)}: --data-dir {cfg.data_dir} is already split into train/ and validation/ and "
+                f"is used as given; drop {'it' if len(given) == 1 else 'them'}, or point --data-dir at an unsplit folder"
             )
         train = sorted((p, int(c == class_names[1])) for c, f in found.presplit["train"].items() for p in usable(f))
         val = sorted((p, int(c == class_names[1])) for c, f in found.presplit["val"].items() for p in usable(f))
@@ -346,34 +361,130 @@ def load_split(cfg: RunConfig) -> SplitData:
     return SplitData(source, class_names, train, val, found.root, skipped, found.layout)
 
 
-def load_manifest(path: Path, data_dir: Path | None) -> SplitData:
-    """Replay a manifest written by an earlier run; its hash must match its lists."""
-    try:
-        manifest = json.loads(Path(path).read_text())
-        root = Path(data_dir) if data_dir is not None else manifest["root"]
-        body = [manifest["train"], manifest["val"]]
-    except (OSError, json.JSONDecodeError, KeyError) as error:
-        raise DataError(f"--manifest {path} cannot be read as a manifest of this repository: {error}") from error
-    if hashlib.sha256(json.dumps(body).encode()).hexdigest() != manifest.get("sha256"):
-        raise DataError(f"--manifest {path}: its file lists do not match its sha256; was it edited by hand?")
-    if manifest["layout"] == "embedded":
-        split = embedded_digits(seed=0)
-        split.train = [tuple(x) for x in manifest["train"]]  # type: ignore[misc]
-        split.val = [tuple(x) for x in manifest["val"]]  # type: ignore[misc]
-        return split
-    root = Path(root)
-    missing = [p for p, _ in manifest["train"] + manifest["val"] if not (root / p).is_file()]
+def _split_options(cfg: RunConfig) -> list[str]:
+    """The split-size options `cfg` sets, as flags: a pre-split folder takes none of them."""
+    given = [f"--split {cfg.split}"] if cfg.split is not None else []
+    for name in ("train_counts", "val_counts"):
+        if getattr(cfg, name) is not None:
+            given.append(f"--{name.replace('_', '-')} {','.join(map(str, getattr(cfg, name)))}")
+    if cfg.scale != 1:
+        given.append(f"--scale {cfg.scale:g}")
+    return given
+
+
+MANIFEST_KEYS = ("version", "sha256", "root", "layout", "class_names", "train", "val")
+
+
+def _manifest_problem(manifest: object) -> str | None:
+    """What makes `manifest` not a manifest of this repository, or None: checked before any key is read."""
+    if not isinstance(manifest, dict):
+        return f"not a JSON object (found a {type(manifest).__name__})"
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
     if missing:
-        raise DataError(f"--manifest {path}: {len(missing)} files are missing under {root}, e.g. {missing[0]}")
-    return SplitData(
-        f"manifest {path} over {root}",
-        tuple(manifest["class_names"]),  # type: ignore[arg-type]
-        [tuple(x) for x in manifest["train"]],  # type: ignore[misc]
-        [tuple(x) for x in manifest["val"]],  # type: ignore[misc]
-        root,
-        [],
-        manifest["layout"],
-    )
+        return f"missing keys {missing}"
+    version = manifest["version"]
+    if version not in (1, MANIFEST_VERSION) or isinstance(version, bool):
+        return f"version {version!r} is unknown (this code reads 1 and {MANIFEST_VERSION}); is it from a newer version?"
+    if not isinstance(manifest["sha256"], str) or not isinstance(manifest["layout"], str):
+        return "'sha256' and 'layout' must be strings"
+    if manifest["root"] is not None and not isinstance(manifest["root"], str):
+        return "'root' must be a folder path or null"
+    names = manifest["class_names"]
+    if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
+        return f"'class_names' must hold exactly two class names (negative, positive), found {names!r}"
+    for key in ("train", "val"):
+        items = manifest[key]
+        if not isinstance(items, list):
+            return f"'{key}' must be a list of [path, label] pairs, found a {type(items).__name__}"
+        for i, item in enumerate(items):
+            pair = isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)
+            if not (pair and type(item[1]) is int and item[1] in (0, 1)):
+                return f"'{key}' item {i} is {item!r}, not a [path, label] pair with label 0 or 1"
+    return None
+
+
+def read_manifest(path: Path, what: str = "--manifest") -> dict:
+    """A manifest's JSON, checked whole before use: its shape and version, its sha256 (so no hand edit goes
+    unnoticed) and that no file is in both train and val. `what` names the file in errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} {path} does not exist")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{what} {path} cannot be read as JSON: {error}") from error
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise DataError(f"{what} {path} is not a manifest.json of this repository: {problem}")
+    if manifest_digest(manifest, manifest["version"]) != manifest["sha256"]:
+        raise DataError(
+            f"{what} {path}: its contents do not match its sha256; was it edited by hand? Use a manifest.json as a run wrote it"
+        )
+    shared = sorted({p for p, _ in manifest["train"]} & {p for p, _ in manifest["val"]})
+    if shared:
+        raise DataError(
+            f"{what} {path} lists {len(shared)} files in both train and val, e.g. {shared[0]}; "
+            "a split must keep them apart: use a manifest.json as a run wrote it"
+        )
+    return manifest
+
+
+def load_manifest(
+    path: Path, data_dir: Path | None = None, parts: Sequence[str] = ("train", "val"), what: str = "--manifest"
+) -> SplitData:
+    """Replay a manifest written by an earlier run, under `data_dir` if given (else the manifest's root)."""
+    return split_from_manifest(path, read_manifest(path, what), data_dir, parts, what)
+
+
+def split_from_manifest(
+    path: Path, manifest: dict, data_dir: Path | None, parts: Sequence[str] = ("train", "val"), what: str = "--manifest"
+) -> SplitData:
+    """The split of a checked manifest (see `read_manifest`). The files of `parts` must still exist and pass
+    the integrity scan: a split is replayed as it was or refused, never silently changed. Evaluation checks
+    only "val", so a training photo removed since the run does not matter to it."""
+    train = [(p, label) for p, label in manifest["train"]]
+    val = [(p, label) for p, label in manifest["val"]]
+    if manifest["layout"] == "embedded":
+        return _embedded_manifest(path, manifest, train, val, what)
+    root = data_dir if data_dir is not None else manifest["root"]
+    if root is None:
+        raise DataError(
+            f"{what} {path} does not say where its photos are (root is null); say it: --manifest FILE --data-dir DIR"
+        )
+    root = Path(root)
+    checked = [p for part in parts for p, _ in manifest[part]]
+    missing = [p for p in checked if not (root / p).is_file()]
+    if missing:
+        raise DataError(
+            f"{what} {path}: {len(missing)} files are missing under {root}, e.g. {missing[0]}; the folder changed "
+            "since the run: restore them, or replay it under a copy that has them (--manifest FILE --data-dir DIR)"
+        )
+    bad = scan_images([root / p for p in checked], root)
+    if bad:
+        first, reason = sorted(bad.items())[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(
+            f"{what} {path}: {Path(first).relative_to(root)} no longer passes the integrity scan ({reason}){more}; "
+            "the folder changed since the run: restore the file"
+        )
+    source = f"manifest {path} over {root}"
+    return SplitData(source, tuple(manifest["class_names"]), train, val, root, [], manifest["layout"])  # type: ignore[arg-type]
+
+
+def _embedded_manifest(path: Path, manifest: dict, train: list, val: list, what: str) -> SplitData:
+    """A digits manifest: its ids and labels must be the embedded data set's."""
+    split = embedded_digits(seed=0)
+    if tuple(manifest["class_names"]) != split.class_names:
+        raise DataError(
+            f"{what} {path}: class names {manifest['class_names']} are not the digits' {list(split.class_names)}"
+        )
+    labels = dict(split.train + split.val)
+    wrong = [(p, label) for p, label in train + val if labels.get(p) != label]
+    if wrong:
+        raise DataError(f"{what} {path}: {wrong[0][0]} with label {wrong[0][1]} is not one of the embedded digits")
+    split.source = f"{EMBEDDED_NAME}, split replayed from manifest {path}"
+    split.train, split.val = train, val
+    return split
 
 
 def _digits() -> tuple[np.ndarray, np.ndarray]:
@@ -633,7 +744,8 @@ class SearchDataModule(ImbalanceDataModule):
         replicas, rank = self._replicas()
         train_labels = [label for _, label in self.split.train]
         meta_labels = [label for _, label in self.split.val]
-        train = self._loader(self.train_set, EpochSampler(train_labels, "none", self.seed, replicas, rank), True)
+        train_sampler = EpochSampler(train_labels, self.sampling, self.seed, replicas, rank)  # --sampling applies
+        train = self._loader(self.train_set, train_sampler, True)
         meta = self._loader(self.val_set, EpochSampler(meta_labels, "none", self.seed + 1, replicas, rank), False)
         return CombinedLoader({"train": train, "meta": meta}, mode="max_size_cycle")
 

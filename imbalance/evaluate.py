@@ -1,14 +1,16 @@
 """Evaluate a checkpoint of this repository on any supported folder (or on its run's validation split).
 
 The run's configuration is stored in the checkpoint, so backbone, input size and normalisation are rebuilt
-from it; only the data and the decision threshold are chosen here.
+from it, and the number of outputs from its weights: nothing else the training run wrote is needed, except
+the run's manifest.json when its validation split is evaluated (replayed exactly, never re-drawn). Only the
+data and the decision threshold are chosen here.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import replace
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,48 +20,147 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
 from imbalance.config import RunConfig
-from imbalance.data import DataError, ImageDataset, SplitData, discover, load_split, make_transform, scan_images
+from imbalance.data import (
+    MANIFEST_VERSION,
+    DataError,
+    ImageDataset,
+    discover,
+    make_transform,
+    manifest_digest,
+    read_manifest,
+    scan_images,
+    split_from_manifest,
+)
 from imbalance.io import atomic_write_json, atomic_write_text
-from imbalance.losses import build_loss, positive_probability
+from imbalance.losses import positive_probability
 from imbalance.metrics import confusion_metrics
 from imbalance.model import create_backbone
 
+REQUIRED_HPARAMS = ("config", "class_names", "image_size", "mean", "std")
 
-def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The trained backbone (eval mode) and the module's saved hyper-parameters."""
-    path = Path(path)
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """An exception as one short line (torch's messages run over several)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint's dict, or a DataError naming the file: missing, unreadable, or not one of ours."""
     if not path.is_file():
         raise DataError(f"--checkpoint {path} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "hyper_parameters" not in checkpoint or "config" not in checkpoint["hyper_parameters"]:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no pickled code
+    except Exception as error:  # truncated, not a torch file, or pickled objects other than tensors
+        raise DataError(
+            f"--checkpoint {path} cannot be read as a PyTorch checkpoint ({type(error).__name__}: "
+            f"{_one_line(error)}); give a .ckpt written by experiments.run"
+        ) from error
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if (
+        not isinstance(hparams, dict)
+        or not isinstance(hparams.get("config"), dict)
+        or any(key not in hparams for key in REQUIRED_HPARAMS)
+        or not isinstance(checkpoint.get("state_dict"), dict)
+    ):
         raise DataError(f"--checkpoint {path} was not written by this repository's training (no run config inside)")
+    return checkpoint
+
+
+def head_outputs(state: dict[str, torch.Tensor], backbone: torch.nn.Module, path: Path) -> int:
+    """How many logits the checkpoint's classifier head has (1 for the one-logit losses, else 2), read from
+    its weights: rebuilding the loss to learn it would need files of the training run (AutoBalance's
+    parameter file), which a moved run folder or another working directory no longer has."""
+    head = backbone.get_classifier()
+    name = next(n for n, module in backbone.named_modules() if module is head)
+    weight = state.get(f"{name}.weight")
+    if weight is None or weight.ndim == 0:
+        raise DataError(f"--checkpoint {path} has no classifier head ({name}.weight) for its backbone; is it complete?")
+    return int(weight.shape[0])
+
+
+def load_checkpoint(path: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The trained backbone (eval mode) and the module's saved hyper-parameters; needs only the file."""
+    path = Path(path)
+    checkpoint = read_checkpoint(path)
     hparams = checkpoint["hyper_parameters"]
     cfg = RunConfig.from_dict(hparams["config"])
-    loss = build_loss(cfg, hparams["class_counts"])
-    backbone = create_backbone(cfg.backbone, loss.num_outputs)  # the weights come from the checkpoint below
     state = {k[len("backbone.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("backbone.")}
-    backbone.load_state_dict(state)
+    backbone = create_backbone(cfg.backbone, 2)  # the weights come from the checkpoint below
+    outputs = head_outputs(state, backbone, path)
+    if outputs != 2:
+        backbone = create_backbone(cfg.backbone, outputs)
+    try:
+        backbone.load_state_dict(state)
+    except RuntimeError as error:
+        raise DataError(f"--checkpoint {path} does not fit backbone {cfg.backbone!r}: {_one_line(error)}") from error
     return backbone.eval(), hparams
 
 
-def folder_items(data_dir: Path, class_names: tuple[str, str]) -> tuple[Path, list[tuple[str, int]], list]:
-    """Every usable image of a folder in any supported layout, labelled by the checkpoint's class names."""
+def folder_items(data_dir: Path, class_names: tuple[str, str]) -> tuple[Path, list[tuple[str, int]], list, str]:
+    """Every usable image of a folder in any supported layout, labelled by the checkpoint's class names,
+    and a line saying what was evaluated. Of a pre-split folder only the validation part: its train/ part
+    is what such a model was trained on."""
     found = discover(data_dir)
-    by_lower = {c.lower(): c for c in found.files}
+    files, source = found.files, str(data_dir)
+    if found.presplit is not None:
+        files = found.presplit["val"]
+        part = next(p for paths in files.values() for p in paths).parent.parent.name  # validation/ or val/
+        source = f"{part}/ part of pre-split folder {found.root}"
+    by_lower = {c.lower(): c for c in files}
     missing = [c for c in class_names if c.lower() not in by_lower]
     if missing:
         raise DataError(
-            f"--data-dir {data_dir} has classes {sorted(found.files)}, but the model was trained on {list(class_names)}"
+            f"--data-dir {data_dir} has classes {sorted(files)}, but the model was trained on {list(class_names)}"
         )
-    all_files = [p for files in found.files.values() for p in files]
+    all_files = [p for paths in files.values() for p in paths]
     bad = scan_images(all_files, found.root)
     items = [
         (str(p.relative_to(found.root)), label)
         for label, name in enumerate(class_names)
-        for p in found.files[by_lower[name.lower()]]
+        for p in files[by_lower[name.lower()]]
         if str(p) not in bad
     ]
-    return found.root, sorted(items), sorted(bad.items())
+    skipped = sorted((str(Path(p).relative_to(found.root)), reason) for p, reason in bad.items())
+    return found.root, sorted(items), skipped, source
+
+
+def manifest_items(
+    checkpoint: Path, hparams: dict[str, Any], manifest: Path | None, data_dir: Path | None
+) -> tuple[Path | None, list[tuple[str, int]], list, str]:
+    """The run's validation split, replayed from its manifest (by default `run_dir/manifest.json` next to
+    `run_dir/checkpoints/`), never re-drawn from the folder: a folder that changed since training would
+    move training photos into the evaluated set. The manifest must be the one the checkpoint was trained
+    on (its sha256 is in the checkpoint) and its validation files must still be there and decode."""
+    if manifest is None:
+        path, what = Path(checkpoint).parent.parent / "manifest.json", "the run's manifest"
+        if not path.is_file():
+            raise DataError(
+                f"--checkpoint {checkpoint}: its run's manifest {path} does not exist, so its validation split is "
+                "unknown; pass --manifest FILE (the run's manifest.json), or --data-dir DIR to evaluate a folder"
+            )
+    else:
+        path, what = Path(manifest), "--manifest"
+    content = read_manifest(path, what)
+    expected = hparams.get("manifest_sha256")
+    if expected is None:
+        print(
+            f"note: {checkpoint} predates manifest hashes, so {path} is replayed without checking that it is "
+            "the split the checkpoint was trained on",
+            file=sys.stderr,
+        )
+    elif (actual := manifest_digest(content, MANIFEST_VERSION)) != expected:  # a checkpoint holds a current hash
+        raise DataError(
+            f"{what} {path} (sha256 {actual[:12]}) is not the split this checkpoint was trained on "
+            f"(sha256 {expected[:12]}); pass that run's manifest.json, or --data-dir DIR to evaluate a folder"
+        )
+    split = split_from_manifest(path, content, data_dir, parts=("val",), what=what)
+    if tuple(split.class_names) != tuple(hparams["class_names"]):
+        raise DataError(
+            f"{what} {path} has classes {list(split.class_names)}, but the checkpoint was trained on "
+            f"{list(hparams['class_names'])}"
+        )
+    return split.root, split.val, split.skipped, f"validation split of the run ({split.source})"
 
 
 @torch.no_grad()
@@ -99,24 +200,18 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 128,
     num_workers: int = 0,
+    manifest: Path | None = None,
 ) -> dict[str, Any]:
-    """Write metrics.json and predictions.csv for `checkpoint` on `data_dir` (default: its run's val split)."""
+    """Write metrics.json and predictions.csv for `checkpoint` on `data_dir`, or (by default, or with
+    `manifest`) on its run's validation split; `manifest` with `data_dir` replays it under that folder."""
     backbone, hparams = load_checkpoint(checkpoint)
-    cfg = RunConfig.from_dict(hparams["config"])
     class_names = tuple(hparams["class_names"])
-    if data_dir is None:
-        split: SplitData = load_split(replace(cfg, fast_dev_run=False))
-        root, items, skipped, source = (
-            split.root,
-            split.val,
-            split.skipped,
-            f"validation split of the run ({split.source})",
-        )
+    if data_dir is not None and manifest is None:
+        root, items, skipped, source = folder_items(Path(data_dir), class_names)
     else:
-        root, items, skipped = folder_items(Path(data_dir), class_names)
-        source = str(data_dir)
+        root, items, skipped, source = manifest_items(Path(checkpoint), hparams, manifest, data_dir)
     if not items:
-        raise DataError(f"no usable images to evaluate in {data_dir}")
+        raise DataError(f"no usable images to evaluate ({source})")
     transform = make_transform(
         hparams["image_size"], hparams["mean"], hparams["std"], train=False, photos=root is not None
     )

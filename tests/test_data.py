@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -242,3 +244,79 @@ def test_scale_applies_to_the_default_split(big_pool):
     tenth = load_split(RunConfig(data_dir=big_pool, seed=0, scale=0.1))
     assert sum(full.train_counts) + sum(full.val_counts) == 250
     assert tenth.train_counts[1] + tenth.val_counts[1] == 12 and tenth.train_counts[0] + tenth.val_counts[0] == 13
+
+
+def test_scale_alone_is_rejected_on_the_presplit_layout(tmp_path):
+    root = tmp_path / "cats_and_dogs"
+    make_class_tree(root / "train", {"cat": 5, "dog": 8})
+    make_class_tree(root / "validation", {"cat": 3, "dog": 4})
+    with pytest.raises(DataError, match=r"--scale 0\.5.*used as given"):
+        load_split(RunConfig(data_dir=root, scale=0.5))
+
+
+def _v1_manifest(split) -> dict:
+    """A manifest as version 1 wrote it: the hash covers only the two file lists."""
+    manifest = split.manifest()
+    body = [manifest["train"], manifest["val"]]
+    return {**manifest, "version": 1, "sha256": hashlib.sha256(json.dumps(body).encode()).hexdigest()}
+
+
+def test_manifest_hash_covers_class_names_and_layout(big_pool, tmp_path):
+    split = load_split(RunConfig(data_dir=big_pool, split="imbalanced-2", scale=0.008, seed=4))
+    manifest = split.manifest()
+    assert manifest["version"] == 2
+    path = tmp_path / "manifest.json"
+    for key, value in (("class_names", ["Cat", "Dog"]), ("layout", "imagefolder")):
+        path.write_text(json.dumps({**manifest, key: value}))
+        with pytest.raises(DataError, match="sha256"):
+            load_split(RunConfig(manifest=path))
+
+
+def test_version_1_manifest_still_replays(big_pool, tmp_path):
+    split = load_split(RunConfig(data_dir=big_pool, split="imbalanced-2", scale=0.008, seed=4))
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(_v1_manifest(split)))
+    replay = load_split(RunConfig(manifest=path))
+    assert replay.train == split.train and replay.val == split.val and replay.class_names == split.class_names
+
+
+def test_manifest_with_overlapping_train_and_val_is_rejected(big_pool, tmp_path):
+    split = load_split(RunConfig(data_dir=big_pool, split="imbalanced-2", scale=0.008, seed=4))
+    shared = split.train[0]
+    split.val = sorted([*split.val, shared])
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(_v1_manifest(split)))  # a consistent hash: only the overlap is wrong
+    with pytest.raises(DataError, match=rf"both train and val.*{re.escape(shared[0])}"):
+        load_split(RunConfig(manifest=path))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: [m], "not a JSON object"),
+        (lambda m: {k: v for k, v in m.items() if k != "val"}, "'val'"),
+        (lambda m: {**m, "class_names": ["Dog", "Cat", "Bird"]}, "two class names"),
+        (lambda m: {**m, "train": [["Cat/0.jpg"]] + m["train"]}, "train"),
+        (lambda m: {**m, "val": "Cat/0.jpg"}, "val"),
+        (lambda m: {**m, "version": 9}, "version 9"),
+    ],
+)
+def test_malformed_manifest_is_one_clear_error(edit, message, big_pool, tmp_path):
+    split = load_split(RunConfig(data_dir=big_pool, split="imbalanced-2", scale=0.008, seed=4))
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(edit(_v1_manifest(split))))
+    with pytest.raises(DataError, match=rf"--manifest {re.escape(str(path))}.*{message}"):
+        load_split(RunConfig(manifest=path))
+
+
+def test_digits_manifest_replays_without_data_dir(tmp_path):
+    from experiments import run as run_cli
+
+    path = tmp_path / "digits-seed3.json"  # another seed than the run's: the split must come from the file
+    path.write_text(json.dumps(embedded_digits(seed=3).manifest()))
+    args = ["--backbone", "test_resnet", "--image-size", "32", "--epochs", "1", "--logger", "none"]
+    assert run_cli.main([*args, "--manifest", str(path), "--out", "runs/replay"]) == 0
+    replayed = json.loads((tmp_path / "runs" / "replay" / "manifest.json").read_text())
+    original = json.loads(path.read_text())
+    assert replayed["train"] == original["train"] and replayed["val"] == original["val"]
+    assert replayed["sha256"] == original["sha256"] and replayed["layout"] == "embedded"
