@@ -2,7 +2,8 @@
 
 Every loss takes `logits` of shape (N, K) (or (N, 1) / (N,) for the one-logit forms) and integer
 `target` of shape (N,) with values in [0, K), and returns the mean loss as a 0-d tensor. Everything is
-computed in log space (`log_softmax`, `logsigmoid`), so logits of +-100 give finite losses and gradients.
+computed in log space (`log_softmax`, `logsigmoid`), so logits of +-100 give finite losses and gradients,
+and in float32 at least: bf16/fp16 logits from an autocast forward are upcast first (`_full_precision`).
 
 Class-indexed tensors (weights, counts, alpha) are in label order: index 1 is the positive class. The
 command line takes them positive-first, as the lecture writes them; `pos_neg_to_label_order` converts.
@@ -53,14 +54,21 @@ def _log_prior(class_counts: Sequence[int]) -> Tensor:
     return torch.log(counts / counts.sum()).float()
 
 
-def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """`F.cross_entropy(logits, target, weight=weight)`: sum_i w_{y_i} l_i / sum_i w_{y_i}, with the denominator
-    taken over the *global* batch under DDP.
+def weighted_cross_entropy(
+    logits: Tensor, target: Tensor, weight: Tensor, label_smoothing: float = 0.0, global_batch: bool = False
+) -> Tensor:
+    """`F.cross_entropy(logits, target, weight=weight)`: sum_i w_{y_i} l_i / sum_i w_{y_i}.
 
-    DDP averages the ranks' gradients. For a plain mean that is the gradient of the global batch, but a
-    weighted mean normalised per rank would weigh each rank's samples by its own total weight. So here each
-    rank divides its weighted sum by the all-reduced total weight and multiplies by the number of ranks: the
-    averaged gradient is then exactly the single-process one. Without a process group it is the plain formula.
+    With `global_batch` (a training step under DDP) the denominator is the total weight of the *global*
+    batch. DDP averages the ranks' gradients; for a plain mean that is the gradient of the global batch, but
+    a weighted mean normalised per rank would weigh each rank's samples by its own total weight. So each rank
+    divides its weighted sum by the all-reduced total weight and multiplies by the number of ranks: the
+    averaged gradient is then exactly the single-process one.
+
+    Only training steps may ask for it: the all-reduce is a collective that every rank must reach, and only
+    training shards are padded to the same number of batches. Validation shards are deliberately unpadded
+    (each sample once), so ranks can run different numbers of validation batches, and a collective there
+    waits forever on the rank that has finished. The losses pass `global_batch=_in_training_step(self)`.
     """
     weight = weight.to(logits.dtype)
     log_probs = F.log_softmax(logits, dim=-1)
@@ -71,15 +79,33 @@ def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor, label
         smooth = -(log_probs * weight).sum(dim=1) / logits.shape[1]
         per_sample = (1 - label_smoothing) * per_sample + label_smoothing * smooth
     weighted_sum, weight_sum = per_sample.sum(), w.sum()
-    if (
-        torch.distributed.is_available()
-        and torch.distributed.is_initialized()
-        and torch.distributed.get_world_size() > 1
-    ):
+    if global_batch and _distributed_world_size() > 1:
         total = weight_sum.detach().clone()
         torch.distributed.all_reduce(total)
         return weighted_sum * torch.distributed.get_world_size() / total
     return weighted_sum / weight_sum
+
+
+def _in_training_step(loss: nn.Module) -> bool:
+    """True in a training step (module in train mode, gradients on): the only place a DDP collective is safe.
+    Lightning switches the LightningModule, and so its loss, to eval mode for validation and sanity checks."""
+    return loss.training and torch.is_grad_enabled()
+
+
+def _distributed_world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _full_precision(logits: Tensor) -> Tensor:
+    """Half-precision logits (bf16 or fp16, as a `--precision bf16-mixed` forward makes them) as float32.
+
+    Every loss is computed in float32 at least, whatever autocast did to the model: a bf16 loss carries only
+    8 significant bits, and casting the class-indexed buffers (weights, margins, log prior, alpha) down to
+    the logits' dtype would round them too (log 1217 = 7.104 becomes 7.094). float64 logits stay float64.
+    """
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
 
 
 def _check_logits(logits: Tensor, target: Tensor, num_classes: int | None = None) -> None:
@@ -103,6 +129,7 @@ class CrossEntropy(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = _full_precision(logits)
         _check_logits(logits, target)
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
 
@@ -129,8 +156,11 @@ class WeightedCrossEntropy(nn.Module):
         self.label_smoothing = label_smoothing
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = _full_precision(logits)
         _check_logits(logits, target, len(self.class_weights))
-        return weighted_cross_entropy(logits, target, self.class_weights, self.label_smoothing)
+        return weighted_cross_entropy(
+            logits, target, self.class_weights, self.label_smoothing, global_batch=_in_training_step(self)
+        )
 
     @classmethod
     def from_config(cls, cfg: RunConfig, class_counts: Sequence[int]) -> WeightedCrossEntropy:
@@ -156,12 +186,13 @@ class BinaryCrossEntropy(nn.Module):
         self.register_buffer("pos_weight", None if pos_weight is None else torch.tensor(float(pos_weight)))
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        logits = logits.reshape(-1)
+        logits = _full_precision(logits).reshape(-1)
         if target.shape != logits.shape:
             raise ValueError(
                 f"bce expects one logit per sample, got logits {tuple(logits.shape)}, target {tuple(target.shape)}"
             )
-        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), pos_weight=self.pos_weight)
+        pos_weight = None if self.pos_weight is None else self.pos_weight.to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, target.to(logits.dtype), pos_weight=pos_weight)
 
     @classmethod
     def from_config(cls, cfg: RunConfig, class_counts: Sequence[int]) -> BinaryCrossEntropy:
@@ -211,6 +242,7 @@ class FocalLoss(nn.Module):
         return 1 if self.one_logit else 2
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = _full_precision(logits)
         if logits.ndim == 1 or logits.shape[-1] == 1:
             logits = logits.reshape(-1)
             if target.shape != logits.shape:
@@ -276,10 +308,11 @@ class ClassBalancedLoss(nn.Module):
         self.base = FocalLoss(gamma=gamma, alpha=weights.tolist()) if base == "focal" else None
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = _full_precision(logits)
         if self.base is not None:
             return self.base(logits, target)
         _check_logits(logits, target, len(self.class_weights))
-        return weighted_cross_entropy(logits, target, self.class_weights)
+        return weighted_cross_entropy(logits, target, self.class_weights, global_batch=_in_training_step(self))
 
     @classmethod
     def from_config(cls, cfg: RunConfig, class_counts: Sequence[int]) -> ClassBalancedLoss:
@@ -321,12 +354,13 @@ class LDAMLoss(nn.Module):
         self.reweight = self.drw_epoch is not None and epoch >= self.drw_epoch
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = _full_precision(logits)
         _check_logits(logits, target, len(self.margins))
         shifted = logits - F.one_hot(target, logits.shape[1]).to(logits.dtype) * self.margins.to(logits.dtype)
         weight = self.drw_weights.to(logits.dtype) if self.reweight else None
         if weight is None:
             return F.cross_entropy(self.scale * shifted, target)
-        return weighted_cross_entropy(self.scale * shifted, target, weight)
+        return weighted_cross_entropy(self.scale * shifted, target, weight, global_batch=_in_training_step(self))
 
     @classmethod
     def from_config(cls, cfg: RunConfig, class_counts: Sequence[int]) -> LDAMLoss:
@@ -344,6 +378,7 @@ class LogitAdjustedLoss(nn.Module):
         self.register_buffer("adjustment", tau * _log_prior(class_counts))
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = _full_precision(logits)
         _check_logits(logits, target, len(self.adjustment))
         return F.cross_entropy(logits + self.adjustment.to(logits.dtype), target)
 
@@ -365,6 +400,7 @@ class BalancedSoftmaxLoss(nn.Module):
         self.register_buffer("log_counts", torch.log(counts).float())
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = _full_precision(logits)
         _check_logits(logits, target, len(self.log_counts))
         return F.cross_entropy(logits + self.log_counts.to(logits.dtype), target)
 

@@ -134,24 +134,53 @@ def confusion_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -
 
 
 def best_f1_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
-    """The threshold t maximising F1 of `probs > t`; candidates are the midpoints between sorted distinct
-    probabilities (every distinct prediction set), ties broken toward 0.5."""
+    """The threshold t maximising F1 of the predictions `probs > t`, the rule of `confusion_metrics`.
+
+    Every prediction set a threshold can make is tried (the top k probabilities positive, for each k where
+    the sorted distinct probabilities change); ties in F1 are broken toward 0.5. The returned t makes exactly
+    the best set under `probs > t`, compared in float64 or in the probabilities' own dtype (NumPy compares a
+    float32 array with a Python float in float32):
+    - between two probabilities, t is their midpoint, or the lower of the two where the midpoint is not
+      strictly between them in that precision (neighbouring float32 values);
+    - "everything negative": t is the largest probability;
+    - "everything positive": t is half the smallest probability, and *below 0* (t = -0.5) when the smallest
+      probability is exactly 0.0 (a float32 sigmoid of a logit below about -104), so that 0.0 > t.
+    """
     labels = np.asarray(labels).astype(int)
-    probs = np.asarray(probs, dtype=np.float64)
-    distinct = np.unique(probs)
-    # thresholds just below each distinct value: predicting positive for probs >= value
-    candidates = np.concatenate([[-np.inf], (distinct[:-1] + distinct[1:]) / 2, [distinct[-1]]])
-    order = np.argsort(-probs, kind="stable")
-    sorted_probs, sorted_labels = probs[order], labels[order]
-    positives = labels.sum()
-    true_positives_in_top = np.concatenate([[0], np.cumsum(sorted_labels)])
+    raw = np.asarray(probs)
+    dtype = raw.dtype if np.issubdtype(raw.dtype, np.floating) else np.dtype(np.float64)
+    probs = raw.astype(np.float64)
+    if probs.size == 0:
+        return 0.5
+    distinct = np.unique(probs)  # ascending; set j predicts positive for probs > distinct[j]
+    lowest = distinct[0]
+    below = 0.0 if lowest > 0 else lowest - 1.0  # a value under every probability, for "everything positive"
+    if not below < lowest:  # |lowest| too large for - 1.0 to change it
+        below = -np.inf
+    # (threshold, number predicted negative): everything positive, each gap between distinct values, none
+    candidates = [(_strictly_between(below, lowest, dtype), 0)]
+    negatives = np.searchsorted(np.sort(probs), distinct, side="right")
+    for j in range(len(distinct) - 1):
+        candidates.append((_strictly_between(distinct[j], distinct[j + 1], dtype), int(negatives[j])))
+    candidates.append((float(distinct[-1]), len(probs)))
+    order = np.argsort(probs, kind="stable")
+    positives_below = np.concatenate([[0], np.cumsum(labels[order])])  # positives among the k lowest
+    positives = int(labels.sum())
     best_t, best_f1 = 0.5, -1.0
-    for t in candidates:
-        k = np.searchsorted(-sorted_probs, -t, side="left")  # number of probs > t
-        tp = true_positives_in_top[k]
-        fp = k - tp
+    for t, n_negative in candidates:
+        tp = positives - int(positives_below[n_negative])
+        fp = len(probs) - n_negative - tp
         fn = positives - tp
         f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
         if f1 > best_f1 + 1e-12 or (abs(f1 - best_f1) <= 1e-12 and abs(t - 0.5) < abs(best_t - 0.5)):
             best_t, best_f1 = float(t), f1
-    return float(np.clip(best_t, 0.0, 1.0)) if np.isfinite(best_t) else 0.0
+    return best_t
+
+
+def _strictly_between(low: float, high: float, dtype: np.dtype) -> float:
+    """A threshold t with low <= t < high under `>` in float64 and in `dtype`: the midpoint when it lies
+    strictly between them in both precisions, else `low` itself (then `high > t` and not `low > t`)."""
+    mid = (low + high) / 2
+    if low < mid < high and dtype.type(low) < dtype.type(mid) < dtype.type(high):
+        return float(mid)
+    return float(low)

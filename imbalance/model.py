@@ -60,7 +60,14 @@ def create_backbone(name: str, num_outputs: int, pretrained: bool = False, weigh
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    """Tensors from a .safetensors file or a torch file, loaded safely (weights_only: no pickled code)."""
+    """Tensors from a .safetensors file or a torch file, loaded safely (weights_only: no pickled code).
+
+    One of this repository's own checkpoints (runs/NAME/checkpoints/*.ckpt: a Lightning dict with
+    "state_dict" and "hyper_parameters", or a bare module state dict; either way keys `backbone.*`) yields
+    its `backbone.*` tensors, prefix stripped, for every loss: the rest (the loss's buffers and parameters
+    such as `loss_fn.class_weights`, `loss_fn.margins` or AutoBalance's `loss_fn.omega`, metric states) is
+    not part of the backbone and is dropped.
+    """
     if not path.is_file():
         raise WeightsError(f"--weights {path} does not exist")
     try:
@@ -79,10 +86,14 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise WeightsError(f"--weights {path} does not hold a state dict of tensors")
-    prefixes = ("module.", "backbone.", "model.")  # DDP, this repository's own checkpoints, other wrappers
-    for prefix in prefixes:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
+    if state and all(k.startswith("module.") for k in state):  # saved from a DDP wrapper
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):
+        # this repository's ImbalanceClassifier (or AutoBalanceSearch): backbone.* is the timm model; the
+        # loss's buffers and parameters (loss_fn.*) and anything else are not, whatever the loss was
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    elif state and all(k.startswith("model.") for k in state):  # other wrappers
+        state = {k[len("model.") :]: v for k, v in state.items()}
     return state
 
 
@@ -151,9 +162,10 @@ class ImbalanceClassifier(L.LightningModule):
         image_size: int = 224,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
+        manifest_sha256: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["backbone", "loss"])
+        self.save_hyperparameters(ignore=["backbone", "loss"])  # manifest_sha256: evaluation replays that split
         self.backbone = backbone
         self.loss_fn = loss
         self.class_names = tuple(class_names)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import torch
 from conftest import make_class_tree
 
 from experiments import run as run_cli
+from imbalance.losses import LOSSES
 
 pytestmark = pytest.mark.slow
 
@@ -107,8 +110,9 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     cli(*TINY, "--out", "killed", "--resume")
     full, resumed = read_csv(tmp_path / "full" / "metrics.csv"), read_csv(tmp_path / "killed" / "metrics.csv")
     assert [r["epoch"] for r in resumed] == ["0", "1", "2", "3"]
+    assert list(full[0]) == list(resumed[0])  # the same columns: train/* of the checkpointed epoch too
     for a, b in zip(full, resumed, strict=True):
-        assert {k: a[k] for k in a if k.startswith("val/")} == {k: b[k] for k in b if k.startswith("val/")}
+        assert a == b  # every column, train and val
     best_full = json.loads((tmp_path / "full" / "summary.json").read_text())["best"]
     assert json.loads((tmp_path / "killed" / "summary.json").read_text())["best"] == best_full
 
@@ -161,3 +165,56 @@ def test_autobalance_search_under_ddp_finds_the_single_process_alpha(tmp_path):
     assert moved > 0.05, one  # the search did move alpha
     for key in ("weights", "scales", "offsets"):
         assert one[key] == pytest.approx(two[key], abs=1e-3), (key, one[key], two[key])
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_every_loss_finishes_under_ddp_with_uneven_validation_shards(tmp_path):
+    # Validation is sharded without padding: 5 images at batch 2 give rank 0 two batches and rank 1 one. A loss
+    # that all-reduces in a validation step (the class-weighted ones did) hangs there; the deadline makes a hang
+    # a failure. All losses run one after another in the same two processes to keep the test short. The two
+    # ranks are started as torchrun would start them, in one process group, so a hang is killed as a whole.
+    tree = make_class_tree(tmp_path / "pets", {"Cat": 12, "Dog": 24})
+    script = Path(__file__).with_name("ddp_every_loss.py")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+        "TORCHELASTIC_RUN_ID": "test",  # Lightning then takes the ranks from the environment
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "0",
+    }
+    processes, logs = [], []
+    for rank in (0, 1):
+        logs.append(tmp_path / f"rank{rank}.log")
+        group = 0 if rank == 0 else processes[0].pid  # rank 0 leads a new process group, rank 1 joins it
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-u", str(script), str(tree), str(tmp_path / "runs")],
+                stdout=logs[-1].open("w"),
+                stderr=subprocess.STDOUT,
+                env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                preexec_fn=lambda group=group: os.setpgid(0, group),
+            )
+        )
+    try:
+        deadline = time.time() + 420
+        while time.time() < deadline and any(p.poll() is None for p in processes):
+            time.sleep(0.5)
+        output = "\n".join(f"--- rank {r} ---\n" + log.read_text()[-2500:] for r, log in enumerate(logs))
+        if any(p.poll() is None for p in processes):
+            pytest.fail(f"2-process DDP hung (killed after 420 s):\n{output}")
+    finally:  # never leave a rank behind, whatever failed
+        if any(p.poll() is None for p in processes):
+            os.killpg(processes[0].pid, signal.SIGKILL)
+    assert [p.returncode for p in processes] == [0, 0], output
+    for loss in LOSSES:
+        assert f"finished {loss}" in logs[0].read_text(), output
+        summary = json.loads((tmp_path / "runs" / loss / "summary.json").read_text())
+        assert summary["epochs_completed"] == 2 and summary["val_counts"] == {"Dog": 2, "Cat": 3}, loss

@@ -93,3 +93,65 @@ def test_best_threshold_matches_brute_force(seed):
     grid = np.unique(np.concatenate([probs, np.linspace(0, 1, 1001)]))
     brute = max(skm.f1_score(labels, (probs > g).astype(int), zero_division=0) for g in grid)
     assert skm.f1_score(labels, (probs > t).astype(int), zero_division=0) == pytest.approx(brute)
+
+
+def brute_force_best_f1(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Best F1 over every prediction set a threshold can make: sort, the top k positive, for each k at which
+    the sorted probabilities change (a threshold cannot split a tie)."""
+    order = np.argsort(-probs.astype(np.float64), kind="stable")
+    p, y = probs[order], labels[order]
+    best = 0.0
+    for k in range(len(p) + 1):
+        if 0 < k < len(p) and p[k - 1] == p[k]:
+            continue
+        tp, fp = int(y[:k].sum()), int(k - y[:k].sum())
+        fn = int(y.sum()) - tp
+        best = max(best, 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 0.0)
+    return best
+
+
+def random_threshold_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and float32 probabilities with exact 0.0 and 1.0, ties and neighbouring float32 values."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 40))
+    labels = (rng.random(n) < rng.choice([0.0, 0.1, 0.5, 0.9, 1.0])).astype(int)
+    kind = seed % 4
+    if kind == 0:  # coarse values: many ties, exact 0 and 1
+        probs = rng.choice([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0], n)
+    elif kind == 1:  # a float32 sigmoid: saturates to exactly 0.0 and 1.0
+        probs = torch.sigmoid(torch.from_numpy(rng.normal(labels * 40 - 20, 80)).float()).numpy()
+    elif kind == 2:  # neighbouring float32 values, whose float64 midpoints round onto one of them
+        base = np.float32(rng.random())
+        probs = np.array([base] * n, dtype=np.float32)
+        for i in range(n):
+            for _ in range(int(rng.integers(0, 3))):
+                probs[i] = np.nextafter(probs[i], np.float32(1))
+    else:
+        probs = rng.random(n)
+        probs[rng.random(n) < 0.3] = 0.0
+        probs[rng.random(n) < 0.2] = 1.0
+    return labels, probs.astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_best_threshold_reproduces_the_best_prediction_set(seed):
+    labels, probs = random_threshold_case(seed)
+    t = best_f1_threshold(labels, probs)
+    best = brute_force_best_f1(labels, probs)
+    assert confusion_metrics(labels, probs, t)["f1"] == pytest.approx(best, abs=1e-12)
+    assert confusion_metrics(labels, probs.astype(np.float64), t)["f1"] == pytest.approx(best, abs=1e-12)
+
+
+def test_best_threshold_for_everything_positive_is_below_zero_probabilities():
+    labels, probs = np.array([1, 1, 0]), np.array([0.0, 0.0, 0.0], dtype=np.float32)
+    t = best_f1_threshold(labels, probs)
+    assert t < 0  # only then is 0.0 > t: predicting every sample positive (F1 0.8) beats none (F1 0)
+    assert confusion_metrics(labels, probs, t)["f1"] == pytest.approx(0.8)
+    t = best_f1_threshold(np.array([1, 1, 0]), np.array([0.3, 0.3, 0.3]))
+    assert 0 <= t < 0.3 and confusion_metrics(np.array([1, 1, 0]), np.array([0.3, 0.3, 0.3]), t)["f1"] == 0.8
+
+
+def test_best_threshold_ties_are_broken_toward_one_half():
+    # no positives: every prediction set has F1 0, and the midpoint closest to 0.5 wins
+    assert best_f1_threshold(np.array([0, 0, 0]), np.array([0.1, 0.45, 0.7])) == pytest.approx(0.575)
+    assert best_f1_threshold(np.array([1, 0]), np.array([0.8, 0.2])) == pytest.approx(0.5)

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 import torch
 from safetensors.torch import save_file
 
 from imbalance.config import ConfigError
-from imbalance.model import WeightsError, create_backbone, freeze_all_but_head, resolve_backbone_name
+from imbalance.losses import LOSSES, build_loss
+from imbalance.model import (
+    ImbalanceClassifier,
+    WeightsError,
+    create_backbone,
+    freeze_all_but_head,
+    resolve_backbone_name,
+)
 
 
 def test_aliases_and_unknown_names():
@@ -79,3 +88,61 @@ def test_freeze_trains_only_the_head():
     freeze_all_but_head(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc.weight", "fc.bias"}
+
+
+def _loss_config(name: str, tmp_path):
+    """A RunConfig for every --loss; AutoBalance gets a parameter file as its search would write."""
+    from imbalance.config import RunConfig
+
+    if name != "autobalance":
+        return RunConfig(loss=name, backbone="test_resnet", image_size=32)
+    params = tmp_path / "autobalance_params.json"
+    params.write_text(json.dumps({"weights": [0.4, 1.6], "scales": [0.8, 1.25], "offsets": [0.3, -0.3]}))
+    return RunConfig(loss=name, backbone="test_resnet", image_size=32, autobalance_params=params)
+
+
+@pytest.mark.parametrize("fmt", ["checkpoint", "module_state_dict"])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_weights_from_this_repositorys_checkpoint_for_every_loss(tmp_path, loss_name, fmt):
+    """Fine-tuning from an earlier run: the module's state dict holds backbone.* plus loss buffers
+    (class weights, margins, adjustments, AutoBalance's omega/delta/offset); only the backbone is taken."""
+    cfg = _loss_config(loss_name, tmp_path)
+    counts = [90, 10]
+    loss = build_loss(cfg, counts)
+    torch.manual_seed(0)
+    module = ImbalanceClassifier(create_backbone("test_resnet", loss.num_outputs), loss, cfg.to_dict(), counts)
+    state = module.state_dict()
+    path = tmp_path / "best.ckpt"
+    if fmt == "checkpoint":
+        torch.save({"state_dict": state, "hyper_parameters": dict(module.hparams), "epoch": 0}, path)
+    else:
+        torch.save(state, path)
+    torch.manual_seed(1)  # a different initialisation, so equal tensors really come from the file
+    model = create_backbone("test_resnet", 2, weights=path)  # also from a one-logit run into a 2-logit model
+    loaded = model.state_dict()
+    backbone_keys = [
+        k[len("backbone.") :] for k in state if k.startswith("backbone.") and not k.startswith("backbone.fc.")
+    ]
+    assert len(backbone_keys) > 10
+    for key in backbone_keys:
+        torch.testing.assert_close(loaded[key], state[f"backbone.{key}"], msg=key)
+    assert model.get_classifier().out_features == 2
+
+
+def test_weights_from_a_cli_runs_lightning_checkpoint(tmp_path):
+    """`--weights runs/A/checkpoints/last.ckpt` of a real run (loss buffers, optimiser and loop states inside)."""
+    from experiments import run as run_cli
+
+    tiny = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "64", "--num-workers", "0"]
+    tiny += ["--logger", "none", "--epochs", "1"]
+    assert run_cli.main([*tiny, "--loss", "weighted", "--out", "runs/A"]) == 0
+    ckpt = tmp_path / "runs" / "A" / "checkpoints" / "last.ckpt"
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert "loss_fn.class_weights" in saved
+    model = create_backbone("test_resnet", 2, weights=ckpt)
+    loaded = model.state_dict()
+    for key, value in saved.items():
+        if key.startswith("backbone.") and not key.startswith("backbone.fc."):
+            torch.testing.assert_close(loaded[key[len("backbone.") :]], value, msg=key)
+    assert run_cli.main([*tiny, "--loss", "ce", "--weights", str(ckpt), "--out", "runs/B"]) == 0
+    assert (tmp_path / "runs" / "B" / "summary.json").is_file()
