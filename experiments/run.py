@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--weights",
         type=Path,
-        help="start from a local timm/torchvision state dict or .safetensors file; "
-        "the classifier head is re-initialised",
+        help="start from a local timm/torchvision state dict, a .safetensors file or an earlier run's "
+        "runs/NAME/checkpoints/*.ckpt (its backbone); the classifier head is re-initialised",
     )
     m.add_argument("--freeze-backbone", action="store_true", help="train only the head (feature extraction)")
     lo = p.add_argument_group("loss and remedies")
@@ -207,9 +207,18 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
     return RunConfig(**values)
 
 
+def given_options(parser: argparse.ArgumentParser, argv: list[str] | None) -> set[str]:
+    """The options set on the command line (not left at their defaults): --resume checks them against the run."""
+    unset = object()  # not a string: argparse would run a string default through the option's type
+    probe = build_parser()
+    probe.set_defaults(**{action.dest: unset for action in probe._actions if action.dest != "help"})
+    return {name for name, value in vars(probe.parse_args(argv)).items() if value is not unset}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = given_options(parser, argv)
     # heavy imports only once the flags parsed, so --help and flag errors are instant
     from imbalance.data import DataError
     from imbalance.model import WeightsError
@@ -222,7 +231,12 @@ def main(argv: list[str] | None = None) -> int:
                 "no --data-dir and no data/PetImages: using the embedded digits data set "
                 "(scikit-learn's handwritten '8' vs the other digits, about 1:9)"
             )
-        fit(cfg)
+        if args.case_study_cell is not None:  # the cell's flags count as given too
+            from imbalance.case_study import load_grid
+
+            cell = next(c for c in load_grid(args.grid).cells if c.id == args.case_study_cell)
+            given |= set(load_grid(args.grid).defaults) | set(cell.flags)
+        fit(cfg, given=given - {"case_study_cell", "grid"})
     except (ConfigError, DataError, WeightsError) as error:
         parser.exit(2, f"error: {error}\n")
     return 0

@@ -76,6 +76,8 @@ class ParametricLoss(nn.Module):
         return w, scales, offsets
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        if logits.dtype in (torch.float16, torch.bfloat16):  # an autocast forward's logits: the loss in float32
+            logits = logits.float()
         w, scales, offsets = self.alpha()
         log_probs = F.log_softmax(logits * scales + offsets, dim=-1)
         nll = -log_probs.gather(1, target[:, None]).squeeze(1)
@@ -143,22 +145,31 @@ def head_hypergradient(
     objective: str = "balanced-ce",
 ) -> tuple[Tensor, list[Tensor]]:
     """Validation objective after one unrolled SGD step of the head, and its gradient w.r.t. the loss
-    parameters (omega, delta, lambda)."""
-    weight, bias = head.weight, head.bias
-    train_loss = loss(F.linear(feats_train, weight, bias), y_train)
-    grad_w, grad_b = torch.autograd.grad(train_loss, (weight, bias), create_graph=True)
-    new_w, new_b = weight - inner_lr * grad_w, bias - inner_lr * grad_b
-    val_loss = OBJECTIVES[objective](F.linear(feats_val, new_w, new_b), y_val, loss.num_classes)
-    params = [loss.omega, loss.delta, loss.offset]
-    hypergrads = torch.autograd.grad(val_loss, params, allow_unused=True)
+    parameters (omega, delta, lambda).
+
+    Computed in float32 at least, with autocast off: the search calls it inside a bf16-mixed training step,
+    with bf16 features, and bf16 head products would cost the hypergradient its precision (it is cheap: the
+    head only). The hypergradients have the dtype of the loss parameters they are assigned to as `.grad`.
+    """
+    dtype = torch.promote_types(head.weight.dtype, torch.float32)
+    with torch.autocast(feats_train.device.type, enabled=False):
+        weight, bias = head.weight.to(dtype), head.bias.to(dtype)
+        feats_train, feats_val = feats_train.to(dtype), feats_val.to(dtype)
+        train_loss = loss(F.linear(feats_train, weight, bias), y_train)
+        grad_w, grad_b = torch.autograd.grad(train_loss, (weight, bias), create_graph=True)
+        new_w, new_b = weight - inner_lr * grad_w, bias - inner_lr * grad_b
+        val_loss = OBJECTIVES[objective](F.linear(feats_val, new_w, new_b), y_val, loss.num_classes)
+        params = [loss.omega, loss.delta, loss.offset]
+        hypergrads = torch.autograd.grad(val_loss, params, allow_unused=True)
     return val_loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, hypergrads, strict=True)]
 
 
 def search_split(
     labels: Sequence[int], fraction: float, seed: int, balance_val: bool = True
 ) -> tuple[list[int], list[int]]:
-    """Stratified split of the training indices into (train part, validation part); the validation part is
-    class-balanced by dropping majority samples from it (as the paper recommends)."""
+    """Stratified split of the training indices into (train part, validation part). The validation part is
+    made class-balanced (as the paper recommends) by moving its surplus majority samples to the train part,
+    so every training sample is used by one part or the other."""
     labels = np.asarray(labels)
     rng = np.random.default_rng([seed, 20211])
     train_part, val_part = [], []
@@ -169,6 +180,7 @@ def search_split(
         train_part.append(members[n_val:])
     if balance_val:
         smallest = min(len(v) for v in val_part)
+        train_part += [v[smallest:] for v in val_part]
         val_part = [v[:smallest] for v in val_part]
     return sorted(np.concatenate(train_part).tolist()), sorted(np.concatenate(val_part).tolist())
 
@@ -189,6 +201,7 @@ class AutoBalanceSearch(L.LightningModule):
         inner_lr: float,
         upper_every: int = 1,
         objective: str = "balanced-ce",
+        frozen_backbone: bool = False,
     ) -> None:
         super().__init__()
         if objective not in OBJECTIVES:
@@ -200,6 +213,13 @@ class AutoBalanceSearch(L.LightningModule):
         self.lr, self.weight_decay, self.alpha_lr = lr, weight_decay, alpha_lr
         self.inner_lr, self.upper_every = inner_lr, upper_every
         self.trajectory: list[dict[str, Any]] = []
+        # --freeze-backbone: the caller has frozen all but the head; its batch-norm statistics stay as loaded
+        self.frozen_backbone = frozen_backbone
+
+    def on_train_epoch_start(self) -> None:
+        if self.frozen_backbone:
+            self.backbone.eval()
+            self.backbone.get_classifier().train()
 
     def _features(self, images: Tensor) -> Tensor:
         return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
@@ -243,7 +263,7 @@ class AutoBalanceSearch(L.LightningModule):
                 self.log(f"autobalance/{name}_{k}", v)
 
     def configure_optimizers(self):
-        model_params = [p for n, p in self.named_parameters() if not n.startswith("loss_fn.")]
+        model_params = [p for n, p in self.named_parameters() if not n.startswith("loss_fn.") and p.requires_grad]
         opt_model = torch.optim.AdamW(model_params, lr=self.lr, weight_decay=self.weight_decay)
         opt_alpha = torch.optim.Adam(self.loss_fn.parameters(), lr=self.alpha_lr)
         return [opt_model, opt_alpha]

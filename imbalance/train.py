@@ -7,7 +7,7 @@
         metrics.csv       one row per epoch: train/* and val/* metrics
         summary.json      best and last val metrics, confusion matrix, thresholds, wall time, versions
         predictions.csv   the best epoch's validation predictions (id, label, probability, prediction)
-        checkpoints/      best.ckpt (by val F1) and last.ckpt
+        checkpoints/      best.ckpt (RunRecorder.BEST_EPOCH_RULE) and last.ckpt (end of each epoch)
 
 Only global rank 0 writes files; under DDP the other ranks train and compute metrics with it.
 """
@@ -22,6 +22,7 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from imbalance.config import ConfigError, RunConfig
@@ -38,7 +39,7 @@ from imbalance.data import ImbalanceDataModule, SplitData, default_image_size, l
 from imbalance.io import atomic_write_json, atomic_write_text
 from imbalance.losses import build_loss
 from imbalance.metrics import best_f1_threshold, confusion_metrics
-from imbalance.model import ImbalanceClassifier, create_backbone
+from imbalance.model import ImbalanceClassifier, create_backbone, freeze_all_but_head
 
 RUN_NAME_ENV = "IMBALANCE_RUN_NAME"  # hands the parent's run name to the DDP worker processes it starts
 
@@ -96,6 +97,52 @@ def resolve_run(cfg: RunConfig) -> tuple[str, Path]:
         data = "digits" if cfg.data_dir is None else (cfg.split or "all")
         name = f"{cfg.loss}-{cfg.backbone}-{data}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
     return name, cfg.out or Path("runs") / name
+
+
+# what a resumed run may change: where it runs and how long; anything else would make the finished run a mix
+RESUME_MAY_CHANGE = {"resume", "out", "run_name", "epochs", "num_workers"}
+
+
+def resumed_config(cfg: RunConfig, given: Iterable[str] | None = None) -> RunConfig:
+    """The configuration of the run `--resume` continues: its stored config.json, not today's flags.
+
+    `given` names the options the user set (experiments.run passes the flags on its command line; without it,
+    every option that differs from its default counts as given). One that contradicts the stored value is an
+    error naming both; `--epochs` may grow, and where the run lives and its loader workers may change.
+    """
+    _, run_dir = resolve_run(cfg)
+    stored_file = run_dir / "config.json"
+    try:
+        stored = RunConfig.from_dict(json.loads(stored_file.read_text()))
+    except (OSError, json.JSONDecodeError, ConfigError, TypeError) as error:
+        raise ConfigError(f"--resume: cannot read the run's configuration {stored_file} ({error})") from error
+    defaults, asked, kept = RunConfig().to_dict(), cfg.to_dict(), stored.to_dict()
+    if given is None:
+        given = [name for name, value in asked.items() if value != defaults[name]]
+    conflicts = [
+        f"--{name.replace('_', '-')} {_flag_text(asked[name])} (the run has {_flag_text(kept[name])})"
+        for name in sorted(set(given) - RESUME_MAY_CHANGE - {"extra"})
+        if asked[name] != kept[name]
+    ]
+    if conflicts:
+        raise ConfigError(
+            f"--resume continues {run_dir} with the configuration in {stored_file}, but "
+            + "; ".join(conflicts)
+            + ". Drop those flags to resume, or start a new run in another --out."
+        )
+    epochs = cfg.epochs if "epochs" in set(given) else stored.epochs
+    if epochs < stored.epochs:
+        raise ConfigError(
+            f"--resume: --epochs {epochs} is fewer than the run's {stored.epochs}; --epochs may only grow"
+        )
+    num_workers = cfg.num_workers if "num_workers" in set(given) else stored.num_workers
+    return replace(stored, resume=True, out=run_dir, epochs=epochs, num_workers=num_workers)
+
+
+def _flag_text(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "unset" if value is None else str(value)
 
 
 def versions() -> dict[str, str]:
@@ -157,12 +204,27 @@ def make_logger(cfg: RunConfig, run_name: str, run_dir: Path):
     return logger
 
 
-class RunRecorder(Callback):
-    """Writes metrics.csv, summary.json and predictions.csv of the run directory (rank 0 only).
+def _selection_key(epoch: int, metrics: dict[str, float]) -> tuple[float, float, int]:
+    """Orders epochs by `RunRecorder.BEST_EPOCH_RULE`; a missing or NaN metric ranks lowest."""
 
-    A row is completed when the next epoch starts (or fitting ends), because the module logs its train
-    epoch metrics in `on_train_epoch_end`, after every callback's hook of the same name.
+    def value(key: str) -> float:
+        number = metrics.get(key, float("nan"))
+        return number if number == number else float("-inf")
+
+    return value("val/f1"), value("val/auroc"), epoch
+
+
+class RunRecorder(Checkpoint):
+    """Writes metrics.csv, summary.json and predictions.csv of the run directory (rank 0 only), and saves
+    `checkpoints/best.ckpt` at the epoch chosen by `BEST_EPOCH_RULE` and `checkpoints/last.ckpt` at the end
+    of every training epoch.
+
+    It is a `Checkpoint` so that Lightning calls its `on_train_epoch_end` *after* the module's (as for every
+    monitoring callback): the module logs its train epoch metrics there, so an epoch's row (val and train
+    columns) is complete before `last.ckpt` is written, and a resumed run keeps every column of that epoch.
     """
+
+    BEST_EPOCH_RULE = "highest val F1; ties broken by the higher val AUROC, then by the later epoch"
 
     def __init__(self, run_dir: Path, cfg: RunConfig, split: SplitData, extra: dict[str, Any]) -> None:
         self.run_dir = run_dir
@@ -173,24 +235,35 @@ class RunRecorder(Callback):
         self.pending: dict[str, float] | None = None
         self.best: dict[str, Any] | None = None
         self.best_predictions: dict[str, np.ndarray] | None = None
+        self.last_predictions: dict[str, np.ndarray] | None = None  # of the last validated epoch
+        self.last_epoch: int | None = None
+        self.best_model_path = self.last_model_path = ""  # as Lightning's own checkpoint callbacks expose them
         self.started = time.time()
         self.previous_wall_time = 0.0  # time spent before a --resume
 
     # state travels in the checkpoint, so --resume continues the same history and best epoch
     def state_dict(self) -> dict[str, Any]:
-        predictions = self.best_predictions
+        def listed(predictions: dict[str, np.ndarray] | None) -> dict[str, list] | None:
+            return None if predictions is None else {k: v.tolist() for k, v in predictions.items()}
+
         return {
             "history": self.history,
             "pending": self.pending,
             "best": self.best,
-            "best_predictions": None if predictions is None else {k: v.tolist() for k, v in predictions.items()},
+            "best_predictions": listed(self.best_predictions),
+            "last_predictions": listed(self.last_predictions),
+            "last_epoch": self.last_epoch,
             "wall_time": self.previous_wall_time + time.time() - self.started,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        def arrays(predictions: dict[str, list] | None) -> dict[str, np.ndarray] | None:
+            return None if predictions is None else {k: np.asarray(v) for k, v in predictions.items()}
+
         self.history, self.pending, self.best = state["history"], state["pending"], state["best"]
-        predictions = state.get("best_predictions")
-        self.best_predictions = None if predictions is None else {k: np.asarray(v) for k, v in predictions.items()}
+        self.best_predictions = arrays(state.get("best_predictions"))
+        self.last_predictions = arrays(state.get("last_predictions"))
+        self.last_epoch = state.get("last_epoch")
         self.previous_wall_time = state["wall_time"]
         self.started = time.time()
 
@@ -209,14 +282,27 @@ class RunRecorder(Callback):
         # after the callbacks' hooks of that name have run
         if trainer.sanity_checking:
             return
+        epoch = trainer.current_epoch
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        self.pending = {"epoch": trainer.current_epoch, **metrics}
-        f1 = metrics.get("val/f1", float("nan"))
-        if self.best is None or f1 > self.best["metrics"].get("val/f1", -1.0):
-            self.best = {"epoch": trainer.current_epoch, "metrics": metrics}
-            predictions = pl_module.val_predictions
-            if predictions is not None:
-                self.best_predictions = {k: v.numpy() for k, v in predictions.items()}
+        self.pending = {"epoch": epoch, **metrics}
+        predictions = pl_module.val_predictions
+        if predictions is not None:
+            self.last_predictions = {k: v.numpy() for k, v in predictions.items()}
+        self.last_epoch = epoch
+        if self.best is None or _selection_key(epoch, metrics) > _selection_key(
+            self.best["epoch"], self.best["metrics"]
+        ):
+            self.best = {"epoch": epoch, "metrics": metrics, "rule": self.BEST_EPOCH_RULE}
+            self.best_predictions = self.last_predictions
+            if not trainer.fast_dev_run:  # every rank calls it (a collective); rank 0 writes the file
+                self.best_model_path = str(self.run_dir / "checkpoints" / "best.ckpt")
+                trainer.save_checkpoint(self.best_model_path)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
+        self._complete_row(trainer)  # after the module's hook (see the class docstring)
+        if not trainer.fast_dev_run:  # --resume continues from here, with this epoch's row complete
+            self.last_model_path = str(self.run_dir / "checkpoints" / "last.ckpt")
+            trainer.save_checkpoint(self.last_model_path)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
         self._complete_row(trainer)
@@ -272,8 +358,9 @@ class RunRecorder(Callback):
                 "labels": list(self.split.class_names),
                 "matrix": [[m.get("val/tn"), m.get("val/fp")], [m.get("val/fn"), m.get("val/tp")]],
             }
-        if self.best_predictions is not None:
+        if self.last_predictions is not None:
             summary.update(self._thresholds())
+        if self.best_predictions is not None:
             self._write_predictions()
         atomic_write_json(self.run_dir / "summary.json", summary)
         if self.best_predictions is not None:  # pictures last: a plotting problem never costs the numbers
@@ -291,7 +378,7 @@ class RunRecorder(Callback):
         m = self.best["metrics"]
         title = f"Validation, epoch {self.best['epoch']} (best val F1 {m.get('val/f1', float('nan')):.3f})"
         thresholds = {"0.5": 0.5}
-        if "tuned_threshold" in summary:
+        if "tuned_threshold" in summary and summary["tuned_threshold"]["epoch"] == self.best["epoch"]:
             thresholds["tuned (optimistic)"] = summary["tuned_threshold"]["threshold"]
         dataset = ImageDataset(self.split.val, self.split.root, transform=None)
         mistakes = plots.confident_mistakes(labels, probs)
@@ -337,12 +424,16 @@ class RunRecorder(Callback):
         )
 
     def _thresholds(self) -> dict[str, Any]:
-        labels, probs = self.best_predictions["label"], self.best_predictions["prob"]
-        out: dict[str, Any] = {"at_threshold_0.5": confusion_metrics(labels, probs, 0.5)}
+        """Metrics at 0.5, at the tuned threshold and after post-hoc logit adjustment, all computed from the
+        *last* epoch's validation predictions: the model the table reports, with no selection of epochs."""
+        labels, probs = self.last_predictions["label"], self.last_predictions["prob"]
+        source = {"epoch": self.last_epoch, "predictions": "the last epoch's validation predictions"}
+        out: dict[str, Any] = {"at_threshold_0.5": {**source, **confusion_metrics(labels, probs, 0.5)}}
         if self.cfg.tune_threshold:
             t = best_f1_threshold(labels, probs)
             out["tuned_threshold"] = {
                 "note": "threshold chosen to maximise F1 on this same validation set: optimistic",
+                **source,
                 **confusion_metrics(labels, probs, t),
             }
         if self.cfg.posthoc_la is not None:
@@ -352,6 +443,7 @@ class RunRecorder(Callback):
             adjusted = 1 / (1 + np.exp(-(np.log(p) - np.log1p(-p) - shift)))
             out["posthoc_logit_adjusted"] = {
                 "tau": self.cfg.posthoc_la,
+                **source,
                 **confusion_metrics(labels, adjusted, 0.5),
             }
         return out
@@ -395,7 +487,15 @@ def prepare(cfg: RunConfig):
     )
 
     module = ImbalanceClassifier(
-        backbone, loss, cfg.to_dict(), split.train_counts, split.class_names, image_size, mean, std
+        backbone,
+        loss,
+        cfg.to_dict(),
+        split.train_counts,
+        split.class_names,
+        image_size,
+        mean,
+        std,
+        manifest_sha256=split.manifest()["sha256"],  # evaluation replays exactly this split
     )
     if cfg.compile:
         module.backbone.compile()  # in place: the state dict keeps the backbone's own parameter names
@@ -436,13 +536,22 @@ def autobalance_search(cfg: RunConfig, run_dir: Path, hw: dict[str, Any], logger
     )
     loss = initial_loss(cfg.autobalance_init, search.train_counts)
     backbone = create_backbone(cfg.backbone, 2, cfg.pretrained, cfg.weights)
+    if cfg.freeze_backbone:  # the search trains what the retrain will train, on the same kind of batches
+        freeze_all_but_head(backbone)
     image_size = cfg.image_size or default_image_size(split)
     mean, std = _normalisation(backbone)
     datamodule = SearchDataModule(
-        search, image_size, mean, std, cfg.batch_size, "none", cfg.seed, _num_workers(cfg, split)
+        search, image_size, mean, std, cfg.batch_size, cfg.sampling, cfg.seed, _num_workers(cfg, split)
     )
     module = AutoBalanceSearch(
-        backbone, loss, cfg.lr, cfg.weight_decay, cfg.autobalance_lr, inner_lr=0.1, objective=cfg.autobalance_objective
+        backbone,
+        loss,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.autobalance_lr,
+        inner_lr=0.1,
+        objective=cfg.autobalance_objective,
+        frozen_backbone=cfg.freeze_backbone,
     )
     epochs = cfg.autobalance_search_epochs or cfg.epochs
     trainer = L.Trainer(
@@ -469,8 +578,13 @@ def autobalance_search(cfg: RunConfig, run_dir: Path, hw: dict[str, Any], logger
     return params_file
 
 
-def fit(cfg: RunConfig) -> dict[str, Any]:
-    """Train one run; return its summary (also written to summary.json on rank 0)."""
+def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
+    """Train one run; return its summary (also written to summary.json on rank 0).
+
+    With `cfg.resume`, the run continues with its stored configuration (`resumed_config`; `given` names the
+    options the user set, so that one contradicting the stored run is an error)."""
+    if cfg.resume:
+        cfg = resumed_config(cfg, given)
     cfg.validate()
     hw = hardware(cfg)
     run_name, run_dir = resolve_run(cfg)
@@ -485,19 +599,13 @@ def fit(cfg: RunConfig) -> dict[str, Any]:
         split, module, datamodule = prepare(cfg)
         if not cfg.fast_dev_run:
             _write_run_files(run_dir, cfg, split)
-        checkpoint = ModelCheckpoint(
-            dirpath=run_dir / "checkpoints",
-            filename="best",
-            monitor="val/f1",
-            mode="max",
-            save_last=True,
-            auto_insert_metric_name=False,
-            enable_version_counter=False,
-        )
         global_batch = cfg.batch_size * hw["devices"] * hw["num_nodes"]
         recorder = RunRecorder(run_dir, cfg, split, {"global_batch_size": global_batch})
-        trainer = L.Trainer(
-            max_epochs=cfg.epochs, logger=logger, callbacks=[checkpoint, recorder], **_trainer_options(cfg, hw, run_dir)
+        trainer = L.Trainer(  # a --fast-dev-run smoke test writes nothing: no recorder, no checkpoints
+            max_epochs=cfg.epochs,
+            logger=logger,
+            callbacks=[] if cfg.fast_dev_run else [recorder],  # it saves best.ckpt and last.ckpt
+            **_trainer_options(cfg, hw, run_dir),
         )
         say(
             f"run {run_name}: {cfg.backbone}, loss {cfg.loss}, {hw['devices'] * hw['num_nodes']} x {hw['accelerator']}, "

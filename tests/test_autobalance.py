@@ -112,7 +112,9 @@ def test_search_split_is_stratified_and_balanced():
     train, val = search_split(labels, 0.2, seed=0)
     assert not set(train) & set(val)
     assert sum(labels[i] for i in val) == 20 and len(val) == 40  # balanced: 20 + 20
-    assert sum(labels[i] for i in train) == 80 and len(train) == 800
+    # the 160 majority samples cut from the validation part to balance it train instead of being thrown away
+    assert sum(labels[i] for i in train) == 80 and len(train) == 960
+    assert sorted(train + val) == list(range(1000))
 
 
 def test_cli_runs_both_phases_and_reuses_parameters(tmp_path):
@@ -157,3 +159,52 @@ def test_cli_runs_both_phases_and_reuses_parameters(tmp_path):
     ]
     assert run_cli.main(reuse) == 0
     assert not (tmp_path / "again" / "autobalance_params.json").exists()  # no second search
+
+
+def test_search_honours_freeze_backbone_and_sampling(tmp_path, monkeypatch):
+    # The retrain uses --freeze-backbone and --sampling; the search must train the same thing the same way.
+    import timm
+
+    import imbalance.autobalance as autobalance
+    import imbalance.data as data
+    from imbalance.config import RunConfig
+    from imbalance.train import autobalance_search
+
+    seen = {}
+
+    class SpySearch(autobalance.AutoBalanceSearch):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["module"] = self
+
+    class SpyData(data.SearchDataModule):
+        def train_dataloader(self):
+            loaders = super().train_dataloader()
+            seen["train_sampler"] = loaders.iterables["train"].sampler
+            return loaders
+
+    monkeypatch.setattr(autobalance, "AutoBalanceSearch", SpySearch)
+    monkeypatch.setattr(data, "SearchDataModule", SpyData)
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_resnet", num_classes=2).state_dict(), tmp_path / "w.pt")
+    cfg = RunConfig(
+        backbone="test_resnet",
+        image_size=32,
+        loss="autobalance",
+        autobalance_search_epochs=1,
+        weights=tmp_path / "w.pt",
+        freeze_backbone=True,
+        sampling="under",
+        batch_size=64,
+        logger="none",
+    ).validate()
+    hw = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto"}
+    autobalance_search(cfg, tmp_path / "run", hw, logger=False)
+    assert seen["train_sampler"].mode == "under"
+    saved = torch.load(tmp_path / "w.pt", weights_only=True)
+    trained = seen["module"].backbone.state_dict()
+    head = {"fc.weight", "fc.bias"}
+    for key, value in saved.items():
+        if key not in head:
+            torch.testing.assert_close(trained[key], value, msg=key)  # frozen: weights and BN statistics
+    assert {n for n, p in seen["module"].backbone.named_parameters() if p.requires_grad} == head

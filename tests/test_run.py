@@ -222,3 +222,4 @@ def test_unknown_flag_is_an_error(capsys):
 def test_every_loss_runs_from_the_cli_on_the_embedded_default(loss, tmp_path):
     extra = ["--autobalance-search-epochs", "1"] if loss == "autobalance" else []
     assert run_cli.main([*TINY, "--loss", loss, "--fast-dev-run", "--logger", "none", *extra]) == 0
+    assert not list(tmp_path.glob("runs/**/*.*")), "a --fast-dev-run smoke test writes nothing"
