@@ -33,27 +33,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from imbalance.benchmark import format_report, run_benchmark
-    from imbalance.config import RunConfig
-    from imbalance.io import atomic_write_json
+def _output_problem(out: Path) -> str | None:
+    """Why the JSON report cannot be written to `out`, or None: checked before the measurements, not after."""
+    if out.is_dir():
+        return f"--out {out} is a folder; give a file name for the JSON report, e.g. {out / 'benchmark.json'}"
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"--out {out}: {parent} is a file, so no file can be written below it; choose another path"
+    return None
 
-    cfg = RunConfig(
-        data_dir=args.data_dir,
-        backbone=args.backbone,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        cache=args.cache,
-        channels_last=args.channels_last,
-        precision=args.precision,
-        accelerator=args.accelerator,
-        scale=args.scale,
-        train_counts=None,
-        logger="csv",
-    ).validate()
-    report = run_benchmark(cfg, args.steps, args.warmup, args.rounds, memory_check=not args.no_memory)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, least in (("steps", 1), ("rounds", 1), ("warmup", 0)):
+        value = getattr(args, name)
+        if value < least:
+            bound = "at least 1" if least == 1 else ">= 0"
+            parser.exit(2, f"error: --{name} must be {bound}, got {value}\n")
+    if args.out is not None and (problem := _output_problem(args.out)):
+        parser.exit(2, f"error: {problem}\n")
+    from imbalance.config import ConfigError, RunConfig
+    from imbalance.data import DataError, unwrap_worker_error
+    from imbalance.model import WeightsError
+
+    try:
+        cfg = RunConfig(
+            data_dir=args.data_dir,
+            backbone=args.backbone,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            cache=args.cache,
+            channels_last=args.channels_last,
+            precision=args.precision,
+            accelerator=args.accelerator,
+            scale=args.scale,
+            train_counts=None,
+            logger="csv",
+        ).validate()
+        from imbalance.benchmark import format_report, run_benchmark
+        from imbalance.io import atomic_write_json
+
+        report = run_benchmark(cfg, args.steps, args.warmup, args.rounds, memory_check=not args.no_memory)
+    except (ConfigError, DataError, WeightsError) as error:
+        parser.exit(2, f"error: {unwrap_worker_error(error) or error}\n")
     print(format_report(report))
     if args.out:
         atomic_write_json(args.out, report)

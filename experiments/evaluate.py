@@ -38,15 +38,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _output_problem(out: Path) -> str | None:
+    """Why `out` cannot be the results folder, or None: checked before the checkpoint is even read."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file; give a folder for metrics.json and predictions.csv (a new or existing one)"
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        return f"--out {out}: {parent} is a file, so no folder can be made below it; choose another --out"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threshold is not None and not 0 <= args.threshold <= 1:
-        parser.error(f"--threshold must be in [0, 1], got {args.threshold}")
+
+    def fail(message: str) -> None:
+        parser.exit(2, "error: " + " ".join(str(message).split()) + "\n")  # one line, whatever the message
+
+    if args.threshold is not None and not 0 <= args.threshold <= 1:  # NaN fails this too
+        fail(f"--threshold must be in [0, 1], got {args.threshold}")
     if args.bootstrap < 0:
-        parser.error(f"--bootstrap must be >= 0, got {args.bootstrap}")
+        fail(f"--bootstrap must be >= 0, got {args.bootstrap}")
+    if args.batch_size < 1:
+        fail(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        fail(f"--num-workers must be >= 0, got {args.num_workers}")
+    if problem := _output_problem(args.out):
+        fail(problem)
     from imbalance.config import ConfigError
-    from imbalance.data import DataError
+    from imbalance.data import DataError, unwrap_worker_error
     from imbalance.evaluate import evaluate
     from imbalance.model import WeightsError
 
@@ -63,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             args.manifest,
         )
     except (ConfigError, DataError, WeightsError, OSError) as error:  # OSError: e.g. --out is not writable
-        parser.exit(2, "error: " + " ".join(str(error).split()) + "\n")  # one line, whatever the message
+        fail(unwrap_worker_error(error) or error)
     print(json.dumps(metrics, indent=2))
     return 0
 

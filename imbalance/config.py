@@ -13,6 +13,7 @@ Conventions used everywhere:
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,18 @@ SPLIT_PRESETS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 SAMPLING = ("none", "over", "under")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+# what Lightning's Trainer(precision=...) accepts (its short aliases included), transformer-engine aside
+PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64")
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
+
+
+PATH_FIELDS = ("data_dir", "manifest", "weights", "out", "autobalance_params")
+
+
+def comparable(values: dict[str, Any]) -> dict[str, Any]:
+    """`RunConfig.to_dict()` values with the paths resolved, so that `data`, `./data` and `/abs/data` (the form
+    a run stores) compare equal when a resume or the case study checks a configuration against a stored one."""
+    return {k: str(Path(v).resolve()) if k in PATH_FIELDS and v is not None else v for k, v in values.items()}
 
 
 class ConfigError(ValueError):
@@ -95,6 +108,7 @@ class RunConfig:
     run_name: str | None = None
     out: Path | None = None
     resume: bool = False
+    overwrite: bool = False  # clear a finished or started run in the folder first
     fast_dev_run: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -104,6 +118,16 @@ class RunConfig:
 
         def fail(message: str) -> None:
             raise ConfigError(message)
+
+        # Every float option, and every float of a tuple option, must be a finite number. NaN compares false
+        # with everything, so it would slip through each range check below (`nan < 0` is False).
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            numbers = value if isinstance(value, tuple) else (value,)
+            floats = [v for v in numbers if isinstance(v, float)]
+            if any(not math.isfinite(v) for v in floats):
+                shown = ",".join(map(str, numbers))
+                fail(f"--{f.name.replace('_', '-')} must be a finite number, got {shown}")
 
         if self.loss not in LOSSES:
             fail(f"--loss {self.loss!r} is unknown; choose one of: {', '.join(LOSSES)}")
@@ -120,6 +144,12 @@ class RunConfig:
                 fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             fail(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            fail(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.seed <= MAX_SEED:
+            fail(f"--seed must be in [0, {MAX_SEED}], got {self.seed}")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            fail(f"--precision {self.precision!r} is not one Lightning accepts; choose one of: {', '.join(PRECISIONS)}")
         if not 0 < self.scale <= 1:
             fail(f"--scale must be in (0, 1], got {self.scale}")
         if self.image_size is not None and self.image_size < 8:
@@ -148,6 +178,8 @@ class RunConfig:
 
         # data
         # --manifest needs no --data-dir: the manifest says where its data is (a folder, or the embedded digits)
+        if self.manifest is not None and (self.split or self.train_counts or self.val_counts or self.scale != 1):
+            fail("--manifest replays a saved split exactly; drop --split/--train-counts/--val-counts/--scale")
         if self.data_dir is None and (self.split or self.train_counts or self.val_counts):
             fail(
                 "--split, --train-counts and --val-counts choose photos from --data-dir; "
@@ -163,8 +195,6 @@ class RunConfig:
             counts = getattr(self, name)
             if counts is not None and (len(counts) != 2 or min(counts) < 1):
                 fail(f"--{name.replace('_', '-')} takes two positive counts 'positive,negative', got {counts}")
-        if self.manifest is not None and (self.split or self.train_counts or self.val_counts or self.scale != 1):
-            fail("--manifest replays a saved split exactly; drop --split/--train-counts/--val-counts/--scale")
 
         # loss-specific options must belong to the chosen loss
         focal_like = self.loss in ("focal", "sigmoid-focal") or (self.loss == "cb" and self.cb_base == "focal")
@@ -190,6 +220,8 @@ class RunConfig:
                 fail(f"--class-weights takes two positive weights 'positive,negative', got {self.class_weights}")
         if self.pos_weight is not None and self.loss != "bce":
             fail(f"--pos-weight needs --loss bce, but --loss is {self.loss!r}")
+        if self.pos_weight is not None and self.pos_weight <= 0:
+            fail(f"--pos-weight must be positive, got {self.pos_weight}")
         if self.label_smoothing and self.loss not in ("ce", "weighted"):
             fail(f"--label-smoothing applies to --loss ce or weighted, not {self.loss!r}")
         if self.cb_base not in ("ce", "focal"):
@@ -198,6 +230,12 @@ class RunConfig:
             fail(f"--beta must be in [0, 1), got {self.beta}")
         if self.drw_epoch is not None and self.loss != "ldam":
             fail(f"--drw-epoch is the LDAM-DRW schedule; it needs --loss ldam, not {self.loss!r}")
+        if self.drw_epoch is not None and self.drw_epoch < 0:
+            fail(f"--drw-epoch must be >= 0 (the first epoch is 0), got {self.drw_epoch}")
+        if self.ldam_max_margin <= 0:
+            fail(f"--ldam-max-margin must be positive, got {self.ldam_max_margin}")
+        if self.ldam_scale <= 0:
+            fail(f"--ldam-scale must be positive, got {self.ldam_scale}")
         autobalance_set = (
             self.autobalance_params is not None
             or self.autobalance_search_epochs is not None
@@ -211,6 +249,8 @@ class RunConfig:
             fail(f"--autobalance-init must be 'ce' or 'logit-adjusted', got {self.autobalance_init!r}")
         if self.autobalance_objective not in ("balanced-ce", "soft-f1"):
             fail(f"--autobalance-objective must be 'balanced-ce' or 'soft-f1', got {self.autobalance_objective!r}")
+        if self.autobalance_lr <= 0:
+            fail(f"--autobalance-lr must be positive, got {self.autobalance_lr}")
         if self.autobalance_search_epochs is not None and self.autobalance_search_epochs < 1:
             fail(f"--autobalance-search-epochs must be at least 1, got {self.autobalance_search_epochs}")
         if self.autobalance_params is not None and not Path(self.autobalance_params).is_file():
@@ -242,7 +282,7 @@ class RunConfig:
             raise ConfigError(f"unknown configuration keys {unknown}; was this written by a newer version?")
         kwargs = {}
         for name, value in values.items():
-            if value is not None and name in ("data_dir", "manifest", "weights", "out", "autobalance_params"):
+            if value is not None and name in PATH_FIELDS:
                 value = Path(value)
             elif isinstance(value, list):
                 value = tuple(value)

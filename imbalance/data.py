@@ -3,7 +3,8 @@
 The path a sample takes:
 1. `discover` finds the layout of `--data-dir` and the files of each class;
 2. `scan_images` decodes every file once (cached by path, size and mtime) and drops the bad ones, with the
-   reason, so no epoch ever meets a corrupt file;
+   reason, so no epoch ever meets a corrupt file; `to_rgb` is the one conversion of every Pillow mode to
+   8-bit RGB, used by the scan, the loaders and the decode-once cache alike;
 3. `draw_split` draws validation first, then nested training sets, from a seeded permutation per class;
 4. `ImbalanceDataModule` serves them, with samplers that stay correct under DDP.
 
@@ -12,14 +13,21 @@ Labels: 1 is the positive class (`--positive-class`, cat by default), 0 the nega
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import re
+import signal
+import sys
+import threading
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +51,31 @@ DEFAULT_VAL_FRACTION = 0.12  # the lecture's 1,500 of 12,500 photos per class
 
 class DataError(ValueError):
     """The data folder, a manifest or the asked split cannot be used as given."""
+
+
+# PyTorch re-raises an exception of a DataLoader worker as the same class, with the worker's traceback as its
+# message: "Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\nimbalance.data.DataError: ..."
+_WORKER_ERROR = re.compile(r"^Caught DataError in [^\n]*\n")
+_LAST_DATA_ERROR = re.compile(r"^(?:[\w.]+\.)?DataError: ", re.MULTILINE)
+
+
+def unwrap_worker_error(error: BaseException) -> DataError | None:
+    """The one-line DataError that a DataLoader worker raised, if `error` (or what it was raised from) is
+    PyTorch's re-raise of it; else None. A CLI prints `unwrap_worker_error(error) or error`, so a photo that
+    broke during the run is reported as the file and the reason, not as the worker's traceback."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if _WORKER_ERROR.match(text):
+            last = list(_LAST_DATA_ERROR.finditer(text))
+            message = text[last[-1].end() :] if last else text.split("\n", 1)[0]
+            unwrapped = DataError(" ".join(message.split()))
+            unwrapped.__cause__ = current
+            return unwrapped
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @dataclass
@@ -130,6 +163,21 @@ def _class_folders(folder: Path) -> dict[str, list[Path]]:
     return {d.name: files for d in _visible_dirs(folder) if (files := _image_files(d))}
 
 
+def _refuse_case_clash(folder: Path, class_names: Sequence[str]) -> None:
+    """Class names are matched case-insensitively (--positive-class, the pre-split parts, the seeded draw), so
+    two class folders that differ only in case (Cat/ and cat/) cannot be told apart: say so, naming both."""
+    by_lower: dict[str, list[str]] = {}
+    for name in class_names:
+        by_lower.setdefault(name.lower(), []).append(name)
+    clash = next((sorted(names) for names in by_lower.values() if len(names) > 1), None)
+    if clash:
+        raise DataError(
+            f"--data-dir {folder}: class folders {' and '.join(f'{n}/' for n in clash)} differ only in case, and "
+            "class names are compared case-insensitively (--positive-class, the split), so they cannot be told "
+            "apart: merge them into one folder, or rename one"
+        )
+
+
 KAGGLE_NAME = re.compile(r"^(cat|dog)\.\d+\.", re.IGNORECASE)
 
 
@@ -146,6 +194,8 @@ def discover(data_dir: Path) -> Discovered:
     val_dir = _find_split_dir(data_dir, ("validation", "val"))
     if train_dir and val_dir:
         train_classes, val_classes = _class_folders(train_dir), _class_folders(val_dir)
+        _refuse_case_clash(train_dir, list(train_classes))
+        _refuse_case_clash(val_dir, list(val_classes))
         if len(train_classes) == 2 and {c.lower() for c in train_classes} == {c.lower() for c in val_classes}:
             val_by_lower = {c.lower(): files for c, files in val_classes.items()}
             files = {c: f + val_by_lower[c.lower()] for c, f in train_classes.items()}
@@ -154,6 +204,7 @@ def discover(data_dir: Path) -> Discovered:
 
     # 1 and 4. PetImages/Cat, PetImages/Dog or any two-class ImageFolder
     classes = _class_folders(data_dir)
+    _refuse_case_clash(data_dir, list(classes))
     if len(classes) == 2:
         layout = "petimages" if {c.lower() for c in classes} == {"cat", "dog"} else "imagefolder"
         return Discovered(layout, data_dir, classes)
@@ -166,14 +217,40 @@ def discover(data_dir: Path) -> Discovered:
             files[p.name.split(".")[0].lower()].append(p)
         if all(files.values()):
             return Discovered("kaggle", data_dir, files)
+        if not classes:
+            present, missing = sorted(files, key=lambda c: not files[c])
+            raise DataError(
+                f"--data-dir {data_dir} has {len(files[present])} {present}.N.jpg files but no {missing}.N.jpg "
+                "files; two classes are needed (Kaggle's train/ holds both)"
+            )
 
     # a wrapper folder (PetImages.zip and train.zip unpack into one sub-folder): look one level down
     subdirs = _visible_dirs(data_dir)
-    if len(subdirs) == 1 and not _image_files(data_dir):
-        return discover(subdirs[0])
+    loose = len(_image_files(data_dir))
+    if len(subdirs) == 1 and not loose:
+        try:
+            return discover(subdirs[0])
+        except DataError:
+            if len(classes) != 1:  # a wrapper folder: its own error says what is wrong inside
+                raise
+    if len(classes) == 1:  # one class folder holding images (the others, if any, are empty)
+        ((name, files),) = classes.items()
+        empty = [f"{d.name}/" for d in subdirs if d.name != name]
+        others = f"; {' and '.join(empty)} {'holds' if len(empty) == 1 else 'hold'} no images" if empty else ""
+        loose_note = f"; {loose} loose images beside it" if loose else ""
+        raise DataError(
+            f"--data-dir {data_dir} has only one class folder, {name}/ ({len(files)} images){others}{loose_note}; "
+            "two classes are needed (e.g. Cat/ and Dog/, or any two class folders): add a folder with the other "
+            "class's images"
+        )
+    if not subdirs and loose:
+        raise DataError(
+            f"--data-dir {data_dir} holds {loose} images but no class folders; point --data-dir at the folder "
+            "that holds the two class folders (e.g. PetImages/ with Cat/ and Dog/), or name the files "
+            "cat.N.jpg / dog.N.jpg (Kaggle's layout)"
+        )
 
     found = ", ".join(f"{d.name}/ ({len(_image_files(d))} images)" for d in subdirs) or "no sub-folders"
-    loose = len(_image_files(data_dir))
     raise DataError(
         f"--data-dir {data_dir}: no supported layout found (found {found}; {loose} loose images). Expected one of: "
         "Cat/ and Dog/ folders (Microsoft PetImages); flat cat.N.jpg/dog.N.jpg files (Kaggle train/); "
@@ -184,6 +261,12 @@ def discover(data_dir: Path) -> Discovered:
 def _positive_first(class_names: Sequence[str], positive_class: str) -> tuple[str, str]:
     """(negative, positive) class names, matching `positive_class` case-insensitively."""
     matches = [c for c in class_names if c.lower() == positive_class.lower()]
+    if len(matches) > 1:
+        raise DataError(
+            f"--positive-class {positive_class!r} matches {len(matches)} class folders, "
+            f"{' and '.join(f'{c}/' for c in sorted(matches))}, which differ only in case (names are compared "
+            "case-insensitively): merge them into one folder, or rename one"
+        )
     if len(matches) != 1:
         raise DataError(f"--positive-class {positive_class!r} is not one of the classes found: {sorted(class_names)}")
     negative = [c for c in class_names if c != matches[0]]
@@ -193,14 +276,68 @@ def _positive_first(class_names: Sequence[str], positive_class: str) -> tuple[st
 # --------------------------------------------------------------------------------------- integrity scan
 
 
+class UnsupportedImage(ValueError):
+    """A decoded image whose mode or values `to_rgb` cannot turn into 8-bit RGB faithfully."""
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _gray_to_rgb(gray: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(gray, dtype=np.uint8), "L").convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Every mode Pillow opens, as an 8-bit RGB image (a new image: `img` may be closed afterwards).
+
+    Pillow's own `convert("RGB")` clips the wide grayscale modes to 0..255, so a 16-bit PNG or TIFF comes out
+    white. Here they are scaled by their real range instead:
+    - I;16, I;16L, I;16B, I;16N (16-bit): v >> 8;
+    - I (32-bit integer): values in 0..255 are taken as 8-bit, values in 0..65535 as 16-bit (>> 8), anything
+      else (negative, or wider than 16 bits) is refused;
+    - F (32-bit float): values in [0, 1] are scaled by 255, values in [0, 255] taken as 8-bit (rounded), and
+      NaN, inf or other ranges are refused.
+    The 8-bit modes (1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, HSV, ...) go through Pillow's conversion; a mode
+    it cannot convert is refused. Refused images raise `UnsupportedImage` with the reason.
+    """
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES or mode in ("I", "F"):
+        values = np.asarray(img)
+        if values.size == 0:
+            raise UnsupportedImage(f"mode {mode} image without pixels")
+        if mode in _SIXTEEN_BIT_MODES:
+            return _gray_to_rgb(values.astype(np.uint16) >> 8)
+        if mode == "F" and not np.isfinite(values).all():
+            raise UnsupportedImage("mode F (32-bit float) with pixels that are not finite (NaN or inf)")
+        low, high = values.min(), values.max()
+        if mode == "I":
+            if low < 0 or high > 65535:
+                raise UnsupportedImage(
+                    f"mode I (32-bit integer) with values {low}..{high}, outside 0..255 (8-bit) and 0..65535 (16-bit)"
+                )
+            return _gray_to_rgb(values if high <= 255 else values >> 8)
+        if low < 0 or high > 255:
+            raise UnsupportedImage(
+                f"mode F (32-bit float) with values {low:g}..{high:g}, outside 0..1 and 0..255; convert it to 8-bit"
+            )
+        scaled = values * 255.0 if high <= 1 else values
+        return _gray_to_rgb(np.clip(np.round(scaled), 0, 255))
+    try:
+        return img.convert("RGB")  # 1, L, LA, P, PA, RGBA, CMYK, YCbCr, LAB, HSV: 8 bits per channel already
+    except ValueError as error:  # e.g. "conversion from La to L not supported"
+        raise UnsupportedImage(f"mode {mode} cannot be converted to RGB ({error})") from error
+
+
 def check_image(path: str) -> str | None:
-    """None if the file decodes to an RGB image; otherwise the reason it cannot be used."""
+    """None if the file decodes to an RGB image (`to_rgb`); otherwise the reason it cannot be used."""
     try:
         if os.path.getsize(path) == 0:
             return "empty file (0 bytes)"
         with Image.open(path) as img:
             img.load()  # a full decode: truncated JPEGs fail here, not in the middle of an epoch
-            img.convert("RGB")
+            to_rgb(img)
+    except UnsupportedImage as error:
+        return f"unsupported image: {error}"
     except Image.DecompressionBombError as error:
         return f"refused as a decompression bomb: {error}"
     except (OSError, SyntaxError, ValueError) as error:
@@ -224,13 +361,47 @@ def _local_rank() -> int:
     return 0
 
 
+def _die_with_parent(parent_pid: int, direct_child: bool) -> None:
+    """Initializer of the scan's and the cache's worker processes: they end when the process that started them
+    dies, even by kill -9, instead of waiting forever, orphaned, for work that will never come.
+
+    On Linux the kernel sends SIGKILL at the parent's death (prctl PR_SET_PDEATHSIG); everywhere, a watchdog
+    thread exits once the parent process changes (the worker was re-parented)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):  # no prctl in this libc: the watchdog still works
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    parent = os.getppid()
+    if direct_child and parent != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _worker_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool whose workers die with this process (`_die_with_parent`)."""
+    context = multiprocessing.get_context()
+    direct = context.get_start_method() in ("fork", "spawn")  # forkserver children are the server's, not ours
+    return ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_die_with_parent, initargs=(os.getpid(), direct)
+    )
+
+
+SCAN_VERSION = 2  # 2: images decoded by to_rgb (16-bit scaled, unconvertible modes refused)
+
+
 def scan_images(files: Sequence[Path], root: Path, workers: int | None = None) -> dict[str, str]:
     """Decode every file once; return {path: reason} for the bad ones.
 
     Results are cached per root in `$IMBALANCE_CACHE` (default ~/.cache/imbalance) by (path, size, mtime),
     so a second run, a DDP rank or a case-study cell reads the cache instead of decoding 25,000 JPEGs again.
     """
-    cache_file = _cache_dir() / f"scan-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]}.json"
+    root_hash = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    cache_file = _cache_dir() / f"scan-v{SCAN_VERSION}-{root_hash}.json"
     waited = 0.0
     while True:
         try:
@@ -255,7 +426,7 @@ def scan_images(files: Sequence[Path], root: Path, workers: int | None = None) -
     if todo:
         workers = workers or min(8, os.cpu_count() or 1)
         if workers > 1 and len(todo) > 256:
-            with ProcessPoolExecutor(workers) as pool:
+            with _worker_pool(workers) as pool:
                 reasons = list(pool.map(check_image, todo, chunksize=64))
         else:
             reasons = [check_image(p) for p in todo]
@@ -270,22 +441,115 @@ def scan_images(files: Sequence[Path], root: Path, workers: int | None = None) -
 # -------------------------------------------------------------------------------------------- splits
 
 
-def split_counts(cfg: RunConfig) -> tuple[tuple[int, int], tuple[int, int]] | None:
-    """((train pos, train neg), (val pos, val neg)) after --scale, or None for 'use every image'."""
+Counts = tuple[tuple[int, int], tuple[int, int]]  # ((train pos, train neg), (val pos, val neg))
+
+
+def _asked_counts(cfg: RunConfig) -> Counts | None:
+    """The split sizes the options ask for, before --scale; None for 'use every image'."""
     if cfg.split is not None:
-        train, val = SPLIT_PRESETS[cfg.split]
-    elif cfg.train_counts is not None or cfg.val_counts is not None:
-        train = cfg.train_counts or (0, 0)
-        val = cfg.val_counts or SPLIT_PRESETS["balanced"][1]
+        return SPLIT_PRESETS[cfg.split]
+    if cfg.train_counts is not None or cfg.val_counts is not None:
         if cfg.train_counts is None:
             raise DataError("--val-counts needs --train-counts too (both are 'positive,negative')")
-    else:
+        return tuple(cfg.train_counts), tuple(cfg.val_counts or SPLIT_PRESETS["balanced"][1])  # type: ignore[return-value]
+    return None
+
+
+def _scaled(counts: Counts, scale: float) -> Counts:
+    return tuple(tuple(max(1, round(c * scale)) for c in part) for part in counts)  # type: ignore[return-value]
+
+
+def split_counts(cfg: RunConfig) -> Counts | None:
+    """((train pos, train neg), (val pos, val neg)) after --scale, or None for 'use every image'."""
+    asked = _asked_counts(cfg)
+    return None if asked is None else _scaled(asked, cfg.scale)
+
+
+def _fitting_scale(usable: dict[int, int], asked: Counts) -> float | None:
+    """The largest --scale with two significant digits at which every class (label -> usable images) holds
+    its scaled counts, or None when none does (a class with fewer than 2 images: 1 train + 1 val at least)."""
+    if min(usable.values()) < 2:
         return None
 
-    def scaled(counts: Sequence[int]) -> tuple[int, int]:
-        return tuple(max(1, round(c * cfg.scale)) for c in counts)  # type: ignore[return-value]
+    def fits(scale: float) -> bool:
+        scaled = _scaled(asked, scale)
+        return all(scaled[0][1 - label] + scaled[1][1 - label] <= n for label, n in usable.items())
 
-    return scaled(train), scaled(val)
+    bound = min(n / (asked[0][1 - label] + asked[1][1 - label]) for label, n in usable.items())
+    exponent = math.floor(math.log10(bound))
+    for _ in range(30):  # at small enough scales every count rounds to 1 and 2 images per class fit
+        for mantissa in range(99, 9, -1):
+            scale = float(f"{mantissa}e{exponent - 1}")
+            if scale <= bound and fits(scale):
+                return scale
+        exponent -= 1
+    return None
+
+
+def _scan_note(paths: Sequence[Path], bad: dict[str, str], root: Path) -> str:
+    """What the integrity scan rejected among a class's files: a count per reason and an example file."""
+    groups: dict[str, list[str]] = {}
+    for path in paths:
+        reason = bad.get(str(path))
+        if reason is not None:
+            groups.setdefault(reason.split(":")[0], []).append(str(Path(path).relative_to(root)))
+    if not groups:
+        return ""
+    rejected = sum(len(files) for files in groups.values())
+    kinds = "; ".join(
+        f"{len(files)} {kind}, e.g. {min(files)}"
+        for kind, files in sorted(groups.items(), key=lambda item: (-len(item[1]), item[0]))
+    )
+    if rejected == len(paths):
+        return (
+            f"; the integrity scan rejected all {rejected} of its files ({kinds}): replace or remove the broken files"
+        )
+    return f"; the integrity scan rejected {rejected} of its {len(paths)} files ({kinds})"
+
+
+def _check_class_sizes(
+    found: Discovered, class_names: tuple[str, str], usable: dict[str, list[str]], cfg: RunConfig, bad: dict[str, str]
+) -> None:
+    """Refuse, before any split is drawn, a class with too few usable images for what is asked, saying why
+    (the scan's reasons) and, for split sizes, the largest --scale that fits (never a scale of 0)."""
+
+    def images(n: int) -> str:
+        return f"{n} usable image{'' if n == 1 else 's'}"
+
+    if found.presplit is not None:
+        for part in ("train", "val"):
+            for name in class_names:
+                paths = found.presplit[part][name]
+                if not any(str(p) not in bad for p in paths):
+                    raise DataError(
+                        f"class {name!r} has no usable images in the {part} part of the pre-split --data-dir "
+                        f"{cfg.data_dir}{_scan_note(paths, bad, found.root)}"
+                    )
+        return
+    asked = _asked_counts(cfg)
+    counts = None if asked is None else _scaled(asked, cfg.scale)
+    for label in (1, 0):
+        name = class_names[label]
+        n = len(usable[name])
+        note = _scan_note(found.files[name], bad, found.root)
+        if counts is None:
+            if n < 2:
+                raise DataError(
+                    f"class {name!r} has {images(n)} but a split needs at least 2 per class (1 train + 1 val){note}"
+                )
+            continue
+        n_train, n_val = counts[0][1 - label], counts[1][1 - label]
+        if n_train + n_val > n:
+            scale = _fitting_scale({lab: len(usable[class_names[lab]]) for lab in (0, 1)}, asked)  # type: ignore[arg-type]
+            hint = (
+                f"use fewer, e.g. --scale {scale:g} (every count x {scale:g})"
+                if scale is not None
+                else "no scale fits: every class needs at least 2 usable images (1 train + 1 val)"
+            )
+            raise DataError(
+                f"class {name!r} has {images(n)} but the split asks for {n_train + n_val} "
+                f"({n_train} train + {n_val} val); {hint}{note}"
+            )
 
 
 def _class_permutation(files: Sequence[str], seed: int, class_name: str) -> list[str]:
@@ -318,12 +582,10 @@ def draw_split(
             # counts are positive-first; label 1 is the positive class
             n_train = counts[0][1 - label]
             n_val = counts[1][1 - label]
-        if n_train + n_val > len(pool):
-            need = n_train + n_val
-            fit = math.floor(len(pool) / need * 100) / 100
+        if n_train + n_val > len(pool):  # load_split checks first, with the scan's reasons and a --scale
             raise DataError(
-                f"class {name!r} has {len(pool)} usable images but the split asks for {need} "
-                f"({n_train} train + {n_val} val); use fewer, e.g. --scale {fit:.2f} (every count x {fit:.2f})"
+                f"class {name!r} has {len(pool)} usable images but the split asks for {n_train + n_val} "
+                f"({n_train} train + {n_val} val); ask for fewer"
             )
         val += [(p, label) for p in pool[:n_val]]
         train += [(p, label) for p in pool[n_val : n_val + n_train]]
@@ -352,10 +614,12 @@ def load_split(cfg: RunConfig) -> SplitData:
                 f"{', '.join(given)}: --data-dir {cfg.data_dir} is already split into train/ and validation/ and "
                 f"is used as given; drop {'it' if len(given) == 1 else 'them'}, or point --data-dir at an unsplit folder"
             )
+        _check_class_sizes(found, class_names, {}, cfg, bad)
         train = sorted((p, int(c == class_names[1])) for c, f in found.presplit["train"].items() for p in usable(f))
         val = sorted((p, int(c == class_names[1])) for c, f in found.presplit["val"].items() for p in usable(f))
     else:
         files = {c: usable(f) for c, f in found.files.items()}
+        _check_class_sizes(found, class_names, files, cfg, bad)
         train, val = draw_split(files, class_names, split_counts(cfg), cfg.seed, cfg.scale)
     source = f"{found.layout} photos in {found.root}"
     return SplitData(source, class_names, train, val, found.root, skipped, found.layout)
@@ -542,14 +806,7 @@ class ImageDataset(Dataset):
         sample_id, _ = self.items[index]
         if self._digits is not None:
             return Image.fromarray(self._digits[int(sample_id.split(":")[1])]).convert("RGB")
-        path = self.root / sample_id
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")  # grayscale, CMYK, palette and RGBA all become RGB
-        except OSError as error:  # the scan passed it, so the file changed during the run
-            raise DataError(
-                f"{path} could not be decoded although the scan accepted it ({error}); was it modified during the run?"
-            ) from error
+        return _decode_rgb(self.root / sample_id)
 
     def __getitem__(self, key: int | tuple[int, int]):
         """`key` is an index, or (index, augmentation seed) from a training `EpochSampler`."""
@@ -563,6 +820,20 @@ class ImageDataset(Dataset):
             index = key
             tensor = self.transform(self.load_input(index))
         return tensor, self.items[index][1], index
+
+
+def _decode_rgb(path: Path) -> Image.Image:
+    """A photo the scan accepted, as 8-bit RGB (`to_rgb`); a one-line DataError naming the file if it no longer
+    decodes (it changed during the run). Raised in a loader worker, `unwrap_worker_error` recovers the line."""
+    try:
+        with Image.open(path) as img:
+            return to_rgb(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        reason = " ".join(str(error).split()) or type(error).__name__
+        raise DataError(
+            f"{path} could not be decoded although the scan accepted it ({reason}); was it modified during the run? "
+            "Restore it, or remove it and start the run again (the scan will skip it)"
+        ) from error
 
 
 def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool, photos: bool):
@@ -589,7 +860,7 @@ def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
 
 # ------------------------------------------------------------------------------------ decode-once cache
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: decoded by to_rgb (16-bit images scaled, not saturated)
 
 
 def cache_base_transform(image_size: int, train: bool) -> v2.Compose:
@@ -614,8 +885,7 @@ def cached_transform(image_size: int, mean: Sequence[float], std: Sequence[float
 
 def _decode_for_cache(job: tuple[str, int, bool]) -> np.ndarray:
     path, image_size, train = job
-    with Image.open(path) as img:
-        return cache_base_transform(image_size, train)(img.convert("RGB")).numpy()
+    return cache_base_transform(image_size, train)(_decode_rgb(Path(path))).numpy()
 
 
 def build_decoded_cache(
@@ -643,7 +913,7 @@ def build_decoded_cache(
     try:
         workers = workers or min(8, os.cpu_count() or 1)
         if workers > 1 and len(jobs) > 256:
-            with ProcessPoolExecutor(workers) as pool:
+            with _worker_pool(workers) as pool:
                 for i, decoded in enumerate(pool.map(_decode_for_cache, jobs, chunksize=64)):
                     array[i] = decoded
         else:
@@ -660,6 +930,38 @@ def build_decoded_cache(
 
 def default_image_size(split: SplitData) -> int:
     return 224 if split.root is not None else 32
+
+
+class TrainEpochSampler(EpochSampler):
+    """A training `EpochSampler` that leaves out the last sample of the epoch's shard when it would be a batch
+    of its own, i.e. when the shard length modulo the batch size is 1 (and at least one full batch precedes it).
+
+    Batch norm cannot normalise over one sample in training mode ("Expected more than 1 value per channel")
+    once the feature map is 1x1, so such a batch would crash the run at the end of its first epoch. Only this
+    one sample is dropped, not every incomplete last batch, so a training set smaller than a batch still
+    trains. The draw is reshuffled every epoch, so a different sample sits out each time. Under DDP every
+    shard has the same length (see `EpochSampler`), so every rank drops the same number and steps alike.
+    Validation uses plain `EpochSampler`s and never drops anything.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int],
+        mode: str = "none",
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        batch_size: int = 1,
+    ) -> None:
+        super().__init__(labels, mode, seed, num_replicas, rank)
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        length = super().__len__()
+        return length - 1 if length > self.batch_size and length % self.batch_size == 1 else length
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return itertools.islice(super().__iter__(), len(self))
 
 
 class ImbalanceDataModule(L.LightningDataModule):
@@ -721,11 +1023,13 @@ class ImbalanceDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def _train_sampler(self, labels: Sequence[int], mode: str, seed: int) -> TrainEpochSampler:
         replicas, rank = self._replicas()
+        return TrainEpochSampler(labels, mode, seed, replicas, rank, batch_size=self.batch_size)
+
+    def train_dataloader(self) -> DataLoader:
         labels = [label for _, label in self.split.train]
-        sampler = EpochSampler(labels, self.sampling, seed=self.seed, num_replicas=replicas, rank=rank)
-        return self._loader(self.train_set, sampler, train=True)
+        return self._loader(self.train_set, self._train_sampler(labels, self.sampling, self.seed), train=True)
 
     def val_dataloader(self) -> DataLoader:
         replicas, rank = self._replicas()
@@ -741,12 +1045,12 @@ class SearchDataModule(ImbalanceDataModule):
     def train_dataloader(self):
         from lightning.pytorch.utilities import CombinedLoader
 
-        replicas, rank = self._replicas()
         train_labels = [label for _, label in self.split.train]
         meta_labels = [label for _, label in self.split.val]
-        train_sampler = EpochSampler(train_labels, self.sampling, self.seed, replicas, rank)  # --sampling applies
+        train_sampler = self._train_sampler(train_labels, self.sampling, self.seed)  # --sampling applies
         train = self._loader(self.train_set, train_sampler, True)
-        meta = self._loader(self.val_set, EpochSampler(meta_labels, "none", self.seed + 1, replicas, rank), False)
+        # the meta batches also go through the backbone in training mode: no lone sample there either
+        meta = self._loader(self.val_set, self._train_sampler(meta_labels, "none", self.seed + 1), False)
         return CombinedLoader({"train": train, "meta": meta}, mode="max_size_cycle")
 
     def val_dataloader(self):
