@@ -2,7 +2,8 @@
 --data-dir DIR [--scale F] [--image-size S] [--seeds N] [--gpus N] [--only PATTERN] [--dry-run]`.
 
 Each cell runs as `python -m experiments.run` with the cell's flags; finished runs are skipped, so the
-command resumes after a crash or Ctrl-C. Writes results/<name>/table.md, table.csv and table.png.
+command resumes after a crash or Ctrl-C. Writes results/<name>/table.md, table.csv and table.png. Exits 1
+(after writing the table) when any run failed, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -84,7 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(plans)} runs, {sum(not p.done for p in plans)} to do, {len(cells)} cells")
         return 0
     started = time.time()
-    failures = [] if args.table_only else execute(plans)
+    try:
+        failures = [] if args.table_only else execute(plans)
+    except KeyboardInterrupt:
+        parser.exit(130, "error: interrupted (Ctrl-C); finished runs are kept: run the same command to continue\n")
     given = argv if argv is not None else sys.argv[1:]
     command = "python -m experiments.case_study " + shlex.join([a for a in given if a != "--table-only"])
     header = (
@@ -104,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"table: {results / 'table.md'}")
     for plan, reason in failures:
         print(f"failed: {plan.cell.id} seed {plan.seed}: {reason}")
+    if failures:  # a scheduler or script must not read a grid with failed runs as a success
+        print(f"error: {len(failures)} of {len(plans)} runs failed (see the lines above)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -181,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--run-name", help="default: <loss>-<backbone>-<split>-seed<seed>-<time>")
     g.add_argument("--out", type=Path, help="run directory (default runs/<run-name>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a finished or started run in --out (its files are deleted first); without it, or --resume, "
+        "a folder that holds a run is an error",
+    )
     g.add_argument("--fast-dev-run", action="store_true", help="one batch of train and val, nothing written")
     return p
 
@@ -220,25 +226,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     given = given_options(parser, argv)
     # heavy imports only once the flags parsed, so --help and flag errors are instant
-    from imbalance.data import DataError
-    from imbalance.model import WeightsError
-    from imbalance.train import fit, say
+    from imbalance.data import DataError, unwrap_worker_error
+    from imbalance.model import NonFiniteLossError, WeightsError
+    from imbalance.train import RunError, RunInterrupted, fit, say
 
     try:
         cfg = config_from_args(args, parser).validate()
-        if cfg.data_dir is None and cfg.manifest is None:
+        if cfg.data_dir is None and cfg.manifest is None and not cfg.resume:  # a resumed run says what it uses
             say(
                 "no --data-dir and no data/PetImages: using the embedded digits data set "
                 "(scikit-learn's handwritten '8' vs the other digits, about 1:9)"
             )
-        if args.case_study_cell is not None:  # the cell's flags count as given too
-            from imbalance.case_study import load_grid
-
-            cell = next(c for c in load_grid(args.grid).cells if c.id == args.case_study_cell)
-            given |= set(load_grid(args.grid).defaults) | set(cell.flags)
+        # only what was typed counts as given: on --resume a --case-study-cell's own flags and the grid's
+        # defaults yield to the run's stored configuration
         fit(cfg, given=given - {"case_study_cell", "grid"})
-    except (ConfigError, DataError, WeightsError) as error:
-        parser.exit(2, f"error: {error}\n")
+    except RunInterrupted as stopped:  # 143 after SIGTERM, 130 after Ctrl-C: the run did not finish
+        parser.exit(stopped.exit_code, f"error: {stopped}\n")
+    except (ConfigError, DataError, WeightsError, RunError, NonFiniteLossError) as error:
+        parser.exit(2, f"error: {unwrap_worker_error(error) or error}\n")  # a loader worker's error, one line
+    except KeyboardInterrupt:  # Ctrl-C before the run began
+        parser.exit(130, "error: interrupted (Ctrl-C) before the run started; nothing was written\n")
     return 0
 
 

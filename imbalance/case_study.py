@@ -3,7 +3,9 @@
 Each (cell, seed) is one `python -m experiments.run` process (the same code path a user runs, DDP
 included), writing to `results/<name>/runs/<cell-id>/seed<k>/`. A run counts as finished only when its
 summary.json exists (written atomically at the end of fitting); a half-finished run directory is deleted
-and rerun, so nothing is ever half-counted and the grid resumes after a crash or Ctrl-C.
+and rerun, so nothing is ever half-counted and the grid resumes after a crash or Ctrl-C. A run directory
+whose lock another live run holds (`imbalance.io.RunLock`: a second case study on the same results) is
+never deleted: that run counts as failed here.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from imbalance.config import ConfigError, RunConfig
-from imbalance.io import atomic_write_text
+from imbalance.config import ConfigError, RunConfig, comparable
+from imbalance.io import RunLock, atomic_write_text
 
 REPORTS = ("last", "tuned_threshold", "posthoc_logit_adjusted")
 COLUMNS = ("f1", "precision", "recall", "correct_pos", "correct_neg")
@@ -129,10 +131,11 @@ class Plan:
         if not summary.is_file():
             return False
         recorded = RunConfig.from_dict(json.loads(summary.read_text()).get("config", {})).to_dict()  # fills defaults
-        return all(recorded.get(k) == v for k, v in self.config.items() if k not in IGNORED_FOR_DONE)
+        recorded, planned = comparable(recorded), comparable(self.config)  # a run stores its data folder resolved
+        return all(recorded.get(k) == v for k, v in planned.items() if k not in IGNORED_FOR_DONE)
 
 
-IGNORED_FOR_DONE = {"out", "run_name", "num_workers", "resume", "logger", "autobalance_params"}
+IGNORED_FOR_DONE = {"out", "run_name", "num_workers", "resume", "overwrite", "logger", "autobalance_params"}
 
 
 def plan_runs(grid: Grid, cells: list[Cell], results: Path, overrides: dict[str, Any], seeds: int | None) -> list[Plan]:
@@ -168,15 +171,29 @@ def execute(plans: list[Plan], log: Any = print) -> list[tuple[Plan, str]]:
         if plan.done:
             log(f"[{i}/{len(plans)}] {plan.cell.id} seed {plan.seed}: done, skipped")
             continue
+        holder = RunLock(plan.run_dir).held_by_other()
+        if holder is not None:  # another process is training this run right now: never delete its files
+            reason = f"{plan.run_dir} is in use by another run ({RunLock.describe(holder)})"
+            failures.append((plan, reason))
+            log(f"[{i}/{len(plans)}] {plan.cell.id} seed {plan.seed}: skipped, {reason}")
+            continue
         if plan.run_dir.exists():
             shutil.rmtree(plan.run_dir)  # half-finished: rerun from scratch, never half-count
         plan.run_dir.mkdir(parents=True)
         log(f"[{i}/{len(plans)}] {plan.cell.id} seed {plan.seed}: python -m experiments.run {' '.join(plan.args)}")
         started = time.time()
         with open(plan.run_dir / "run.log", "w") as out:
-            code = subprocess.call(
+            process = subprocess.Popen(
                 [sys.executable, "-m", "experiments.run", *plan.args], stdout=out, stderr=subprocess.STDOUT
             )
+            try:
+                code = process.wait()
+            except KeyboardInterrupt:  # the run got the same Ctrl-C: let it clean up and free its folder
+                try:
+                    process.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                raise
         if code != 0:
             tail = (plan.run_dir / "run.log").read_text().strip().splitlines()[-3:]
             failures.append((plan, " / ".join(tail)))

@@ -134,10 +134,10 @@ def manifest_items(
     on (its sha256 is in the checkpoint) and its validation files must still be there and decode."""
     if manifest is None:
         path, what = Path(checkpoint).parent.parent / "manifest.json", "the run's manifest"
-        if not path.is_file():
+        if Path(checkpoint).parent.name != "checkpoints" or not path.is_file():  # not inside a run folder
             raise DataError(
-                f"--checkpoint {checkpoint}: its run's manifest {path} does not exist, so its validation split is "
-                "unknown; pass --manifest FILE (the run's manifest.json), or --data-dir DIR to evaluate a folder"
+                f"--checkpoint {checkpoint} is not RUN/checkpoints/*.ckpt of a run folder holding RUN/manifest.json, "
+                "so its validation split is unknown; pass --manifest FILE (the run's manifest.json), or --data-dir DIR to evaluate a folder"
             )
     else:
         path, what = Path(manifest), "--manifest"

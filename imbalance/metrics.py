@@ -102,9 +102,17 @@ def flatten_metrics(values: dict[str, Tensor], class_names: tuple[str, str] | No
 
 def confusion_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
     """All threshold metrics from (labels, P(positive)) at one threshold, in NumPy: for threshold tuning
-    and evaluation, where the predictions are already on the host. Same definitions as `make_metrics`."""
+    and evaluation, where the predictions are already on the host. Same definitions as `make_metrics`.
+
+    Probabilities that are NaN or infinite (a diverged model) make every value NaN: a NaN is "not above the
+    threshold", so counting it as a negative would report a broken model's numbers as if they were real."""
     labels = np.asarray(labels).astype(int)
-    pred = (np.asarray(probs) > threshold).astype(int)
+    probs = np.asarray(probs)
+    if probs.size and not np.isfinite(probs.astype(np.float64)).all():
+        keys = ("precision", "recall", "f1", "specificity", "accuracy", "balanced_accuracy", "macro_f1", "mcc")
+        keys += ("tp", "fp", "tn", "fn")
+        return {"threshold": float(threshold), **dict.fromkeys(keys, float("nan"))}
+    pred = (probs > threshold).astype(int)
     tp = int(((pred == 1) & (labels == 1)).sum())
     fp = int(((pred == 1) & (labels == 0)).sum())
     tn = int(((pred == 0) & (labels == 0)).sum())
@@ -145,6 +153,7 @@ def best_f1_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     - "everything negative": t is the largest probability;
     - "everything positive": t is half the smallest probability, and *below 0* (t = -0.5) when the smallest
       probability is exactly 0.0 (a float32 sigmoid of a logit below about -104), so that 0.0 > t.
+    Non-finite probabilities have no best threshold: NaN (and `confusion_metrics` then reports NaN).
     """
     labels = np.asarray(labels).astype(int)
     raw = np.asarray(probs)
@@ -152,6 +161,8 @@ def best_f1_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     probs = raw.astype(np.float64)
     if probs.size == 0:
         return 0.5
+    if not np.isfinite(probs).all():
+        return float("nan")
     distinct = np.unique(probs)  # ascending; set j predicts positive for probs > distinct[j]
     lowest = distinct[0]
     below = 0.0 if lowest > 0 else lowest - 1.0  # a value under every probability, for "everything positive"

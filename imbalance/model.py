@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,10 @@ BACKBONE_ALIASES = {
 
 class WeightsError(RuntimeError):
     """Starting weights could not be fetched or loaded."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite: the run stops (the message names the epoch, batch and loss)."""
 
 
 def resolve_backbone_name(name: str) -> str:
@@ -177,6 +182,10 @@ class ImbalanceClassifier(L.LightningModule):
             freeze_all_but_head(self.backbone)
         self._val_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
         self.val_predictions: dict[str, Tensor] | None = None  # (index, label, prob) of the last val epoch
+        # the first non-finite training loss of the epoch, noted on the device (no host sync per step)
+        self._batches: Tensor | None = None
+        self._first_bad_batch: Tensor | None = None
+        self._first_bad_loss: Tensor | None = None
 
     def forward(self, images: Tensor) -> Tensor:
         if self.channels_last:
@@ -192,7 +201,20 @@ class ImbalanceClassifier(L.LightningModule):
         if self.channels_last:  # NHWC convolutions: faster on tensor cores; on CPUs it depends (benchmark)
             self.backbone.to(memory_format=torch.channels_last)
 
+    def on_train_start(self) -> None:
+        # After a --resume (the optimiser and schedule restored), set each learning rate from the schedule of
+        # *this* run's --epochs: a run resumed with more epochs would otherwise train its next epoch at the lr
+        # the old, shorter schedule left in the optimiser (0 at its end). A no-op for any other start.
+        for config in self.trainer.lr_scheduler_configs:
+            schedule = config.scheduler
+            if isinstance(schedule, torch.optim.lr_scheduler.LambdaLR):
+                groups = schedule.optimizer.param_groups
+                for group, base, factor in zip(groups, schedule.base_lrs, schedule.lr_lambdas, strict=True):
+                    group["lr"] = base * factor(schedule.last_epoch)
+                schedule._last_lr = [group["lr"] for group in groups]
+
     def on_train_epoch_start(self) -> None:
+        self._batches = self._first_bad_batch = self._first_bad_loss = None
         if hasattr(self.loss_fn, "set_epoch"):  # e.g. LDAM's deferred re-weighting
             self.loss_fn.set_epoch(self.current_epoch)
         if self.frozen_backbone:  # keep the frozen backbone's batch-norm statistics as loaded
@@ -203,11 +225,56 @@ class ImbalanceClassifier(L.LightningModule):
         images, labels, _ = batch
         logits = self(images)
         loss = self.loss_fn(logits, labels)
+        self._note_nonfinite(loss)
         self.train_metrics.update(positive_probability(logits.detach()), labels)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
         return loss
 
+    # How often the host looks at the device's note of a non-finite loss: every step where that costs nothing
+    # (one CPU process), else every NONFINITE_CHECK_EVERY steps and at the last batch of every epoch, so the
+    # run stops before the epoch is validated or checkpointed (the step named is exact either way).
+    NONFINITE_CHECK_EVERY = 10
+
+    def _note_nonfinite(self, loss: Tensor) -> None:
+        loss = loss.detach().float()
+        if self._batches is None:
+            self._batches = torch.zeros((), dtype=torch.long, device=loss.device)
+            self._first_bad_batch = torch.full((), -1, dtype=torch.long, device=loss.device)
+            self._first_bad_loss = torch.zeros((), device=loss.device)
+        first = ~torch.isfinite(loss) & (self._first_bad_batch < 0)
+        self._first_bad_batch = torch.where(first, self._batches, self._first_bad_batch)
+        self._first_bad_loss = torch.where(first, loss, self._first_bad_loss)
+        self._batches += 1
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        every_step = self.device.type == "cpu" and self.trainer.world_size == 1
+        if every_step or (batch_idx + 1) % self.NONFINITE_CHECK_EVERY == 0 or self.trainer.is_last_batch:
+            self._raise_if_nonfinite()
+
+    def _raise_if_nonfinite(self) -> None:
+        if self._first_bad_batch is None:
+            return
+        bad, value = self._first_bad_batch, self._first_bad_loss
+        if self.trainer.world_size > 1:  # every rank decides the same (a rank stopping alone would hang DDP)
+            bads, values = self.all_gather(bad), self.all_gather(value)
+            found = bads >= 0
+            if not bool(found.any()):
+                return
+            index = int(torch.nonzero(found)[0])
+            bad, value = bads[index], values[index]
+        batch = int(bad)
+        if batch < 0:
+            return
+        cfg = self.hparams.config
+        lr = float(cfg.get("lr", float("nan")))
+        raise NonFiniteLossError(
+            f"the training loss (--loss {cfg.get('loss')}) became {float(value)} at epoch {self.current_epoch}, "
+            f"batch {batch} of the epoch: training diverged; lower --lr (it is {lr:g}; try {lr / 10:g}) or check "
+            "the inputs and loss options"
+        )
+
     def on_train_epoch_end(self) -> None:
+        self._raise_if_nonfinite()
         self.log_dict(flatten_metrics(self.train_metrics.compute(), self.class_names))
         self.train_metrics.reset()
 
@@ -224,9 +291,21 @@ class ImbalanceClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         values = flatten_metrics(self.val_metrics.compute(), self.class_names)
         self.val_metrics.reset()
-        self.log_dict(values)  # already reduced over the epoch and all ranks by torchmetrics
         self.val_predictions = self._gather_val_outputs()
         self._val_outputs.clear()
+        nonfinite = int((~torch.isfinite(self.val_predictions["prob"])).sum())
+        if nonfinite:
+            # a NaN probability is neither above nor below a threshold, and the ranking metrics order NaNs
+            # somewhere (AUROC and AP of 1.0 for all-NaN outputs): none of these numbers describes a model
+            values = dict.fromkeys(values, float("nan"))
+            if not self.trainer.sanity_checking:
+                from lightning.pytorch.utilities import rank_zero_warn
+
+                rank_zero_warn(
+                    f"epoch {self.current_epoch}: {nonfinite} of {len(self.val_predictions['prob'])} validation "
+                    "probabilities are NaN or infinite; this epoch's validation metrics are NaN"
+                )
+        self.log_dict(values)  # already reduced over the epoch and all ranks by torchmetrics
 
     def _gather_val_outputs(self) -> dict[str, Tensor]:
         if self._val_outputs:
@@ -249,5 +328,12 @@ class ImbalanceClassifier(L.LightningModule):
         cfg = self.hparams.config
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg["epochs"]))
+        epochs = max(1, cfg["epochs"])
+
+        def cosine(epoch: int) -> float:
+            # closed form, read from the run's --epochs: a --resume that grows --epochs follows the longer
+            # schedule (a restored CosineAnnealingLR would keep its old T_max and climb back up)
+            return 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

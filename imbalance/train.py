@@ -8,19 +8,27 @@
         summary.json      best and last val metrics, confusion matrix, thresholds, wall time, versions
         predictions.csv   the best epoch's validation predictions (id, label, probability, prediction)
         checkpoints/      best.ckpt (RunRecorder.BEST_EPOCH_RULE) and last.ckpt (end of each epoch)
+        .lock             while the run lives: its pid and host (imbalance.io.RunLock)
 
-Only global rank 0 writes files; under DDP the other ranks train and compute metrics with it.
+Only global rank 0 writes files (and holds the lock); under DDP the other ranks train and compute metrics
+with it. A folder that holds a run is reused only with --resume or --overwrite; a run that fails before its
+first completed epoch removes what it wrote (`fit`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import pickle
 import platform
+import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -33,14 +41,16 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from imbalance.config import ConfigError, RunConfig
+from imbalance.config import ConfigError, RunConfig, comparable
 from imbalance.data import ImbalanceDataModule, SplitData, default_image_size, load_split
-from imbalance.io import atomic_write_json, atomic_write_text
+from imbalance.io import RunDirLocked, RunLock, atomic_write_json, atomic_write_text
 from imbalance.losses import build_loss
 from imbalance.metrics import best_f1_threshold, confusion_metrics
-from imbalance.model import ImbalanceClassifier, create_backbone, freeze_all_but_head
+from imbalance.model import ImbalanceClassifier, NonFiniteLossError, create_backbone, freeze_all_but_head
 
+FAST_DEV_RUN_PREFIX = "imbalance-fast-dev-run-"
 RUN_NAME_ENV = "IMBALANCE_RUN_NAME"  # hands the parent's run name to the DDP worker processes it starts
 
 
@@ -100,7 +110,7 @@ def resolve_run(cfg: RunConfig) -> tuple[str, Path]:
 
 
 # what a resumed run may change: where it runs and how long; anything else would make the finished run a mix
-RESUME_MAY_CHANGE = {"resume", "out", "run_name", "epochs", "num_workers"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "out", "run_name", "epochs", "num_workers"}
 
 
 def resumed_config(cfg: RunConfig, given: Iterable[str] | None = None) -> RunConfig:
@@ -116,9 +126,9 @@ def resumed_config(cfg: RunConfig, given: Iterable[str] | None = None) -> RunCon
         stored = RunConfig.from_dict(json.loads(stored_file.read_text()))
     except (OSError, json.JSONDecodeError, ConfigError, TypeError) as error:
         raise ConfigError(f"--resume: cannot read the run's configuration {stored_file} ({error})") from error
-    defaults, asked, kept = RunConfig().to_dict(), cfg.to_dict(), stored.to_dict()
+    defaults, asked, kept = RunConfig().to_dict(), comparable(cfg.to_dict()), comparable(stored.to_dict())
     if given is None:
-        given = [name for name, value in asked.items() if value != defaults[name]]
+        given = [name for name, value in cfg.to_dict().items() if value != defaults[name]]
     conflicts = [
         f"--{name.replace('_', '-')} {_flag_text(asked[name])} (the run has {_flag_text(kept[name])})"
         for name in sorted(set(given) - RESUME_MAY_CHANGE - {"extra"})
@@ -136,7 +146,7 @@ def resumed_config(cfg: RunConfig, given: Iterable[str] | None = None) -> RunCon
             f"--resume: --epochs {epochs} is fewer than the run's {stored.epochs}; --epochs may only grow"
         )
     num_workers = cfg.num_workers if "num_workers" in set(given) else stored.num_workers
-    return replace(stored, resume=True, out=run_dir, epochs=epochs, num_workers=num_workers)
+    return replace(stored, resume=True, overwrite=False, out=run_dir, epochs=epochs, num_workers=num_workers)
 
 
 def _flag_text(value: Any) -> str:
@@ -237,6 +247,7 @@ class RunRecorder(Checkpoint):
         self.best_predictions: dict[str, np.ndarray] | None = None
         self.last_predictions: dict[str, np.ndarray] | None = None  # of the last validated epoch
         self.last_epoch: int | None = None
+        self.last_saved_epoch: int | None = None  # the epoch last.ckpt holds: what --resume continues from
         self.best_model_path = self.last_model_path = ""  # as Lightning's own checkpoint callbacks expose them
         self.started = time.time()
         self.previous_wall_time = 0.0  # time spent before a --resume
@@ -264,6 +275,7 @@ class RunRecorder(Checkpoint):
         self.best_predictions = arrays(state.get("best_predictions"))
         self.last_predictions = arrays(state.get("last_predictions"))
         self.last_epoch = state.get("last_epoch")
+        self.last_saved_epoch = self.history[-1]["epoch"] if self.history else None
         self.previous_wall_time = state["wall_time"]
         self.started = time.time()
 
@@ -303,6 +315,7 @@ class RunRecorder(Checkpoint):
         if not trainer.fast_dev_run:  # --resume continues from here, with this epoch's row complete
             self.last_model_path = str(self.run_dir / "checkpoints" / "last.ckpt")
             trainer.save_checkpoint(self.last_model_path)
+            self.last_saved_epoch = trainer.current_epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
         self._complete_row(trainer)
@@ -362,8 +375,11 @@ class RunRecorder(Checkpoint):
             summary.update(self._thresholds())
         if self.best_predictions is not None:
             self._write_predictions()
+        finite = self.best_predictions is None or bool(np.isfinite(self.best_predictions["prob"]).all())
+        if not finite:
+            summary["pictures"] = []  # NaN probabilities have no PR curve (then every epoch's were NaN)
         atomic_write_json(self.run_dir / "summary.json", summary)
-        if self.best_predictions is not None:  # pictures last: a plotting problem never costs the numbers
+        if self.best_predictions is not None and finite:  # pictures last: a plotting problem never costs the numbers
             summary["pictures"] = self._pictures(trainer, summary)
             atomic_write_json(self.run_dir / "summary.json", summary)
         return summary
@@ -470,15 +486,18 @@ def _num_workers(cfg: RunConfig, split: SplitData) -> int:
     return 0 if split.root is None else min(8, os.cpu_count() or 1)  # the digits live in memory
 
 
-def prepare(cfg: RunConfig):
+def prepare(cfg: RunConfig, split: SplitData | None = None):
     """Everything before the Trainer: the split, the loss, the backbone, the data module and the module."""
-    split = load_split(cfg)
+    split = load_split(cfg) if split is None else split
     say(
         f"data: {split.source}; train {split.train_counts[1]} {split.class_names[1]} / {split.train_counts[0]} "
         f"{split.class_names[0]}, val {split.val_counts[1]} / {split.val_counts[0]}"
         + (f"; {len(split.skipped)} unusable files skipped" if split.skipped else "")
     )
-    loss = build_loss(cfg, split.train_counts)
+    try:
+        loss = build_loss(cfg, split.train_counts)
+    except ValueError as error:  # an option the loss rejects for this split (e.g. an empty class)
+        raise ConfigError(str(error)) from error
     backbone = create_backbone(cfg.backbone, loss.num_outputs, cfg.pretrained, cfg.weights)
     image_size = cfg.image_size or default_image_size(split)
     mean, std = _normalisation(backbone)
@@ -517,13 +536,42 @@ def _trainer_options(cfg: RunConfig, hw: dict[str, Any], run_dir: Path) -> dict[
     )
 
 
-def autobalance_search(cfg: RunConfig, run_dir: Path, hw: dict[str, Any], logger) -> Path:
+class _SearchLossGuard(L.Callback):
+    """Stops AutoBalance's search when its logged training loss is NaN or infinite (the search module is not
+    ours to instrument; the classifier checks its own loss on the device, see ImbalanceClassifier). Looked at
+    every step on one CPU process, else every ImbalanceClassifier.NONFINITE_CHECK_EVERY steps and at each
+    epoch's last batch, by every rank together."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        every_step = pl_module.device.type == "cpu" and trainer.world_size == 1
+        if not (
+            every_step or (batch_idx + 1) % ImbalanceClassifier.NONFINITE_CHECK_EVERY == 0 or trainer.is_last_batch
+        ):
+            return
+        loss = trainer.callback_metrics.get("search/train_loss")
+        if loss is None:
+            return
+        value = loss.detach().float().reshape(())
+        if trainer.world_size > 1:
+            values = trainer.strategy.all_gather(value).reshape(-1)
+            bad = values[~torch.isfinite(values)]
+            value = bad[0] if len(bad) else values[0]
+        if not bool(torch.isfinite(value)):
+            lr = pl_module.lr
+            raise NonFiniteLossError(
+                f"the AutoBalance search's training loss became {float(value)} at search epoch "
+                f"{trainer.current_epoch}, batch {batch_idx}: training diverged; lower --lr (it is {lr:g}; try "
+                f"{lr / 10:g}) or --autobalance-lr"
+            )
+
+
+def autobalance_search(cfg: RunConfig, run_dir: Path, hw: dict[str, Any], logger, signals=None) -> Path:
     """AutoBalance's search phase; returns the file of the found loss parameters (rank 0 writes it)."""
     from imbalance.autobalance import AutoBalanceSearch, initial_loss, plot_trajectory, save_params, search_split
     from imbalance.data import SearchDataModule
 
     if cfg.fast_dev_run:  # a smoke test writes nothing into the run directory
-        run_dir = Path(tempfile.mkdtemp(prefix="imbalance-fast-dev-run-"))
+        run_dir = Path(tempfile.mkdtemp(prefix=FAST_DEV_RUN_PREFIX))  # removed when the smoke test ends
     params_file = run_dir / "autobalance_params.json"
     if cfg.resume and params_file.is_file():
         return params_file
@@ -554,14 +602,17 @@ def autobalance_search(cfg: RunConfig, run_dir: Path, hw: dict[str, Any], logger
         frozen_backbone=cfg.freeze_backbone,
     )
     epochs = cfg.autobalance_search_epochs or cfg.epochs
-    trainer = L.Trainer(
+    trainer = _make_trainer(
         max_epochs=epochs,
         logger=logger,
-        callbacks=[],
+        callbacks=[_SearchLossGuard()],
         enable_checkpointing=False,
         **_trainer_options(cfg, hw, run_dir / "search"),
     )
-    trainer.fit(module, datamodule=datamodule)
+    if signals is None:
+        trainer.fit(module, datamodule=datamodule)
+    else:
+        signals.fit(trainer, module, datamodule=datamodule)
     if trainer.is_global_zero:
         extra = {
             "init": cfg.autobalance_init,
@@ -578,43 +629,360 @@ def autobalance_search(cfg: RunConfig, run_dir: Path, hw: dict[str, Any], logger
     return params_file
 
 
+class RunError(RuntimeError):
+    """The run cannot start or continue in its folder (owned by another run, already holds a run, bad
+    checkpoint); the message says what to do."""
+
+
+class RunInterrupted(RunError):
+    """The run was stopped by a signal before it finished; `exit_code` is the shell's 128 + signal number."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# What `--overwrite` clears: every file or folder a run of this repository writes in its directory. Anything
+# else in the folder (a case study's run.log, the user's notes) is left alone.
+RUN_FILES = (
+    "config.json",
+    "manifest.json",
+    "skipped.csv",
+    "metrics.csv",
+    "summary.json",
+    "predictions.csv",
+    "checkpoints",
+    "confusion_matrix.png",
+    "pr_curve.png",
+    "curves.png",
+    "mistakes.png",
+    "wandb",
+    "wandb_id.txt",
+    "csv",
+    "tensorboard",
+    "lightning_logs",
+    "search",
+    "autobalance_params.json",
+    "autobalance_trajectory.png",
+)
+RUN_FILE_PATTERNS = ("hpc_ckpt_*.ckpt", ".*.tmp")  # SLURM requeue checkpoints; temporary files of a killed write
+RUN_LOCK_ENV = "IMBALANCE_RUN_LOCK"  # "<pid>:<run dir>" of the process holding the lock, for its DDP workers
+
+
+def _run_entries(run_dir: Path) -> list[Path]:
+    found = [run_dir / name for name in RUN_FILES if (run_dir / name).exists()]
+    return found + [p for pattern in RUN_FILE_PATTERNS for p in sorted(run_dir.glob(pattern))]
+
+
+def existing_run(run_dir: Path) -> str | None:
+    """What the folder already holds ('a finished run', ...), or None when it holds no run."""
+    if (run_dir / "summary.json").is_file():
+        return "a finished run (summary.json)"
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return "a stopped run (checkpoints/last.ckpt)"
+    if (run_dir / "config.json").exists() or (run_dir / "checkpoints").exists():
+        return "a started run that completed no epoch (config.json, no checkpoints/last.ckpt)"
+    return None
+
+
+def owns_run_dir(run_dir: Path) -> bool:
+    """Whether this process owns the run folder: the launching rank 0, not one of the DDP processes that
+    Lightning (or torchrun, SLURM) starts, which re-run the same command line on a folder rank 0 owns."""
+    holder = os.environ.get(RUN_LOCK_ENV, "")
+    pid, _, locked_dir = holder.partition(":")
+    if pid.isdigit() and int(pid) != os.getpid() and locked_dir == str(run_dir.resolve()):
+        return False  # started by the process that holds this folder's lock
+    return all(os.environ.get(name, "0") == "0" for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"))
+
+
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, locked: bool = False) -> None:
+    """Refuse, before anything is written, a folder another run holds, or one that holds a run this one would
+    overwrite without --overwrite or --resume (read-only; repeated with `locked` under the lock we hold)."""
+    holder = None if locked else RunLock(run_dir).held_by_other()
+    if holder is not None:
+        raise RunError(
+            f"{run_dir} is in use by another run ({RunLock.describe(holder)}); wait for it to end or choose "
+            "another --out"
+        )
+    held = existing_run(run_dir)
+    if held is not None and not resume and not overwrite:
+        hint = "--resume continues it (--epochs may grow), " if "completed no epoch" not in held else ""
+        raise RunError(
+            f"{run_dir} already holds {held}; {hint}--overwrite replaces it (its files are deleted first), "
+            "or choose another --out"
+        )
+
+
+class _RunDir:
+    """The run folder's owner (rank 0): takes its lock, clears it for --overwrite, and on a failure before the
+    run's first completed epoch removes what the run created (the folder too, when the run made it and nothing
+    else is left in it), so a failed start never leaves a half-made run behind. Always releases the lock."""
+
+    def __init__(self, run_dir: Path, owner: bool, resume: bool, overwrite: bool) -> None:
+        self.run_dir, self.owner, self.resume, self.overwrite = run_dir, owner, resume, overwrite
+        self.lock = RunLock(run_dir)
+        self.created = False
+        self.kept: set[str] | None = None  # the folder's entries before this run wrote anything
+
+    def take(self) -> None:
+        if not self.owner or self.lock.held:
+            return
+        self.created = not self.run_dir.exists()
+        try:
+            note = self.lock.acquire()
+        except RunDirLocked as error:
+            raise RunError(str(error)) from None
+        if note:
+            say(note)
+        try:
+            check_run_dir(self.run_dir, self.resume, self.overwrite, locked=True)  # again: no run can start now
+        except RunError:  # another run finished here meanwhile: leave its files, free the lock
+            self.lock.release()
+            if self.created:
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
+            raise
+        if self.overwrite and existing_run(self.run_dir) is not None:
+            for entry in _run_entries(self.run_dir):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            say(f"--overwrite: deleted the earlier run's files in {self.run_dir}")
+        self.kept = {p.name for p in self.run_dir.iterdir()}
+        os.environ[RUN_LOCK_ENV] = f"{os.getpid()}:{self.run_dir.resolve()}"
+
+    def release(self, failed: bool) -> bool:
+        """Free the lock; after a failure with nothing to resume, remove the run's files. True if removed."""
+        if not self.lock.held:
+            return False
+        removed = False
+        try:
+            if failed and not self.resume and self.kept is not None:
+                for entry in self.run_dir.iterdir():
+                    if entry.name not in self.kept and entry.name != RunLock.NAME:
+                        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+                removed = True
+        finally:
+            self.lock.release()
+            os.environ.pop(RUN_LOCK_ENV, None)
+        if removed and self.created:
+            with contextlib.suppress(OSError):  # not empty: something else lives there
+                self.run_dir.rmdir()
+        return removed
+
+
+class _StopSignals:
+    """SIGTERM handling for the life of a run. Inside `trainer.fit` Lightning's own handler stops the loops at
+    the next step and raises `SIGTERMException` (ours only notes the signal); outside it, ours raises that
+    exception at once, so the run always ends through its clean-up (lock freed, nothing half-made left)."""
+
+    def __init__(self) -> None:
+        self.inside_lightning = False
+        self.received = False
+        self.previous: Any = None
+        self.previous_sigint: Any = None
+        self.installed = False
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            self.previous_sigint = signal.getsignal(signal.SIGINT)
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+            self.installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.installed:  # Lightning ignores SIGINT for good once it caught a Ctrl-C: give it back too
+            signal.signal(signal.SIGTERM, self.previous)
+            signal.signal(signal.SIGINT, self.previous_sigint)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.received = True
+        if not self.inside_lightning:
+            raise SIGTERMException
+
+    def fit(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        """`trainer.fit`, with Lightning's exit on Ctrl-C (its `sys.exit(1)`) turned back into KeyboardInterrupt."""
+        self.inside_lightning = True
+        try:
+            trainer.fit(*args, **kwargs)
+        except SystemExit as stop:
+            if isinstance(stop, SIGTERMException) or not trainer.interrupted:
+                raise
+            raise KeyboardInterrupt from None  # Lightning caught a Ctrl-C, tore down and called sys.exit(1)
+        finally:
+            self.inside_lightning = False
+
+
+def check_optimiser(cfg: RunConfig) -> None:
+    """Build the run's optimisers on a dummy parameter: a value they reject fails before anything is written."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    try:
+        optimizer = torch.optim.AdamW([param], lr=cfg.lr, weight_decay=cfg.weight_decay)
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
+        if cfg.loss == "autobalance":
+            torch.optim.Adam([param], lr=cfg.autobalance_lr)
+    except ValueError as error:
+        raise ConfigError(
+            f"the optimiser rejects the options (--lr {cfg.lr:g}, --weight-decay {cfg.weight_decay:g}"
+            + (f", --autobalance-lr {cfg.autobalance_lr:g}" if cfg.loss == "autobalance" else "")
+            + f"): {error}"
+        ) from error
+
+
+def _make_trainer(**options: Any) -> L.Trainer:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(**options)
+    except (ValueError, MisconfigurationException) as error:  # e.g. an unknown --precision
+        raise ConfigError(f"Lightning rejects the options: {_one_line(error)}") from error
+
+
+def _one_line(error: object, limit: int = 300) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# what every last.ckpt of this repository holds (Lightning's training state and the module's configuration)
+CHECKPOINT_KEYS = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "epoch", "hyper_parameters")
+
+
+def read_resume_checkpoint(path: Path, cfg: RunConfig) -> dict[str, tuple[int, ...]]:
+    """Check that `path` is a training checkpoint of this run, loaded safely (`weights_only=True`: tensors and
+    plain containers, no pickled code), before Lightning gets it; return its weights' shapes (checked against
+    the model by `check_checkpoint_fits`). Every problem is one `RunError` saying what the file is."""
+    what = f"--resume: {path}"
+    todo = "start the run again with --overwrite, or put back a good copy of that file"
+    expected = "the Lightning checkpoint this repository writes at the end of every epoch"
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):  # a real pickle naming classes or functions (code on load)
+            raise RunError(
+                f"{what} holds pickled Python objects that a safe load (weights_only) refuses, not {expected}; {todo}"
+            ) from None
+        raise RunError(f"{what} is not a readable torch checkpoint ({_one_line(error)}); {todo}") from None
+    except Exception as error:  # truncated zip, empty file, random bytes: torch says it in many ways
+        size = path.stat().st_size if path.exists() else 0
+        raise RunError(
+            f"{what} ({size} bytes) is not a readable torch checkpoint, truncated or corrupt "
+            f"({type(error).__name__}: {_one_line(str(error).split('. ')[0], 160)}); expected {expected}; {todo}"
+        ) from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
+    if missing:
+        kind = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"a dict with keys {sorted(ckpt)[:6]}"
+        raise RunError(f"{what} is {kind}, not {expected} (missing {missing}); {todo}")
+    config = ckpt["hyper_parameters"].get("config") if isinstance(ckpt["hyper_parameters"], dict) else None
+    if not isinstance(config, dict):
+        raise RunError(f"{what} has no run configuration in its hyper_parameters: not {expected}; {todo}")
+    differ = [
+        f"--{key.replace('_', '-')} {_flag_text(config.get(key))} (this run has {_flag_text(cfg.to_dict()[key])})"
+        for key in ("backbone", "loss", "seed")
+        if config.get(key) != cfg.to_dict()[key]
+    ]
+    if differ:
+        raise RunError(f"{what} was written by another run: {'; '.join(differ)}; {todo}")
+    state = ckpt["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise RunError(f"{what} has no state dict of tensors: not {expected}; {todo}")
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def check_checkpoint_fits(module: ImbalanceClassifier, shapes: dict[str, tuple[int, ...]], path: Path) -> None:
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    missing, unexpected = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
+    wrong = sorted(k for k in set(own) & set(shapes) if own[k] != shapes[k])
+    if missing or unexpected or wrong:
+        detail = (
+            f"shapes differ for {wrong[:3]}"
+            if wrong
+            else f"missing {missing[:3]}"
+            if missing
+            else f"extra {unexpected[:3]}"
+        )
+        raise RunError(
+            f"--resume: {path} does not fit this run's model ({detail}); start the run again with --overwrite"
+        )
+
+
 def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
     """Train one run; return its summary (also written to summary.json on rank 0).
 
     With `cfg.resume`, the run continues with its stored configuration (`resumed_config`; `given` names the
-    options the user set, so that one contradicting the stored run is an error)."""
+    options the user set, so that one contradicting the stored run is an error).
+
+    The folder is owned by one run at a time (`RunLock`) and is never overwritten without `cfg.overwrite`.
+    Every check that can fail runs before the first file is written; a run that fails or is stopped before its
+    first completed epoch leaves no files behind (`_RunDir`). A run stopped by SIGTERM or Ctrl-C raises
+    `RunInterrupted` (exit code 143 or 130) saying how to resume; a non-finite training loss stops it with
+    `NonFiniteLossError`.
+    """
+    if cfg.resume and cfg.overwrite:
+        raise ConfigError("--resume continues the run in its folder and --overwrite replaces it; give only one")
     if cfg.resume:
         cfg = resumed_config(cfg, given)
     cfg.validate()
     hw = hardware(cfg)
     run_name, run_dir = resolve_run(cfg)
-    cfg = replace(cfg, run_name=run_name, out=run_dir)
+    overwrite = cfg.overwrite
+    cfg = replace(cfg, run_name=run_name, out=run_dir, overwrite=False)  # an action, not part of the run
+    owner = not cfg.fast_dev_run and owns_run_dir(run_dir)
+    if owner:
+        check_run_dir(run_dir, cfg.resume, overwrite)
+    ckpt_path = run_dir / "checkpoints" / "last.ckpt" if cfg.resume else None
+    shapes = read_resume_checkpoint(ckpt_path, cfg) if ckpt_path is not None else None
+    check_optimiser(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     logger = make_logger(cfg, run_name, run_dir)
+    folder = _RunDir(run_dir, owner, cfg.resume, overwrite)
+    recorder: RunRecorder | None = None
     os.environ[RUN_NAME_ENV] = run_name  # DDP workers re-run the command line: give them the same name
+    failed = True
     try:
-        if cfg.loss == "autobalance" and cfg.autobalance_params is None:
-            cfg = replace(cfg, autobalance_params=autobalance_search(cfg, run_dir, hw, logger))
-            L.seed_everything(cfg.seed, workers=True, verbose=False)  # the retrain starts as any other run
-        split, module, datamodule = prepare(cfg)
-        if not cfg.fast_dev_run:
-            _write_run_files(run_dir, cfg, split)
-        global_batch = cfg.batch_size * hw["devices"] * hw["num_nodes"]
-        recorder = RunRecorder(run_dir, cfg, split, {"global_batch_size": global_batch})
-        trainer = L.Trainer(  # a --fast-dev-run smoke test writes nothing: no recorder, no checkpoints
-            max_epochs=cfg.epochs,
-            logger=logger,
-            callbacks=[] if cfg.fast_dev_run else [recorder],  # it saves best.ckpt and last.ckpt
-            **_trainer_options(cfg, hw, run_dir),
-        )
-        say(
-            f"run {run_name}: {cfg.backbone}, loss {cfg.loss}, {hw['devices'] * hw['num_nodes']} x {hw['accelerator']}, "
-            f"{cfg.epochs} epochs, directory {run_dir}"
-        )
-        ckpt_path = run_dir / "checkpoints" / "last.ckpt" if cfg.resume else None
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        with _StopSignals() as signals:
+            split = load_split(cfg)
+            if cfg.data_dir is not None:  # stored resolved: the run resumes and evaluates from any directory
+                cfg = replace(cfg, data_dir=Path(cfg.data_dir).resolve())
+            if split.root is not None:
+                split.root = split.root.resolve()
+            global_batch = cfg.batch_size * hw["devices"] * hw["num_nodes"]
+            recorder = RunRecorder(run_dir, cfg, split, {"global_batch_size": global_batch})
+            trainer = _make_trainer(  # a --fast-dev-run smoke test writes nothing: no recorder, no checkpoints
+                max_epochs=cfg.epochs,
+                logger=logger,
+                callbacks=[] if cfg.fast_dev_run else [recorder],  # it saves best.ckpt and last.ckpt
+                **_trainer_options(cfg, hw, run_dir),
+            )
+            if cfg.loss == "autobalance" and cfg.autobalance_params is None:
+                create_backbone(cfg.backbone, 2, cfg.pretrained, cfg.weights)  # --weights checked before any file
+                L.seed_everything(cfg.seed, workers=True, verbose=False)  # the search starts as it always did
+                folder.take()
+                cfg = replace(cfg, autobalance_params=autobalance_search(cfg, run_dir, hw, logger, signals))
+                recorder.cfg = cfg
+                L.seed_everything(cfg.seed, workers=True, verbose=False)  # the retrain starts as any other run
+            split, module, datamodule = prepare(cfg, split)
+            if shapes is not None:
+                check_checkpoint_fits(module, shapes, ckpt_path)
+            folder.take()
+            if not cfg.fast_dev_run:
+                _write_run_files(run_dir, cfg, split)
+            say(
+                f"run {run_name}: {cfg.backbone}, loss {cfg.loss}, {hw['devices'] * hw['num_nodes']} x {hw['accelerator']}, "
+                f"{cfg.epochs} epochs, directory {run_dir}"
+            )
+            signals.fit(trainer, module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        failed = False
+    except (SIGTERMException, KeyboardInterrupt) as stop:
+        name, code = ("SIGTERM", 143) if isinstance(stop, SIGTERMException) else ("Ctrl-C (SIGINT)", 130)
+        removed = folder.release(failed=not _completed(cfg, recorder))
+        raise RunInterrupted(_stopped_message(name, cfg, recorder, removed), code) from None
+    except NonFiniteLossError as error:
+        removed = folder.release(failed=not _completed(cfg, recorder))
+        raise NonFiniteLossError(f"{error}; {_left_behind(cfg, recorder, removed)}") from None
     finally:
         os.environ.pop(RUN_NAME_ENV, None)
+        folder.release(failed=failed and not _completed(cfg, recorder))
+        smoke_params = Path(cfg.autobalance_params or ".").parent
+        if cfg.fast_dev_run and smoke_params.name.startswith(FAST_DEV_RUN_PREFIX):  # the smoke search's own folder
+            shutil.rmtree(smoke_params, ignore_errors=True)
     if cfg.fast_dev_run or not trainer.is_global_zero:
         return {"run_dir": str(run_dir), "fast_dev_run": cfg.fast_dev_run}
     if type(trainer.logger).__name__ == "WandbLogger":
@@ -627,6 +995,34 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
         f"recall {metrics.get('val/recall', float('nan')):.4f}) at epoch {best.get('epoch')}; summary: {run_dir / 'summary.json'}"
     )
     return summary
+
+
+def _completed(cfg: RunConfig, recorder: RunRecorder | None) -> bool:
+    """Whether the run has an epoch to resume from: a resumed run's checkpoint, or one this run saved."""
+    return cfg.resume or (recorder is not None and recorder.last_saved_epoch is not None)
+
+
+def _last_epoch(cfg: RunConfig, recorder: RunRecorder | None) -> str:
+    epoch = recorder.last_saved_epoch if recorder is not None else None
+    return f"{cfg.out / 'checkpoints' / 'last.ckpt'} keeps " + (
+        f"epoch {epoch}, the last completed one" if epoch is not None else "the last completed epoch"
+    )
+
+
+def _left_behind(cfg: RunConfig, recorder: RunRecorder | None, removed: bool) -> str:
+    if _completed(cfg, recorder):
+        return _last_epoch(cfg, recorder)
+    return f"no epoch had completed, so {cfg.out} was removed" if removed else "no epoch had completed"
+
+
+def _stopped_message(name: str, cfg: RunConfig, recorder: RunRecorder | None, removed: bool) -> str:
+    if _completed(cfg, recorder):
+        return (
+            f"run stopped by {name} before it finished; {_last_epoch(cfg, recorder)}; continue with: "
+            f"python -m experiments.run --resume --out {cfg.out}"
+        )
+    gone = f", {cfg.out} was removed" if removed else ""
+    return f"run stopped by {name} before its first epoch completed; nothing to resume{gone}: start it again"
 
 
 @rank_zero_only

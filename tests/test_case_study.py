@@ -62,7 +62,7 @@ def write_grid(path: Path, second_flags: dict) -> Path:
 def test_tiny_grid_runs_resumes_and_tabulates(tmp_path, capsys):
     # the second cell fails (no network for --pretrained); the first must not be retrained on the rerun
     grid = write_grid(tmp_path / "grid.yaml", {"loss": "weighted", "pretrained": True})
-    assert case_study.main(["--grid", str(grid), "--results", "res"]) == 0
+    assert case_study.main(["--grid", str(grid), "--results", "res"]) == 1  # the table is written, the exit says
     out = capsys.readouterr().out
     assert out.count("failed: digits/weighted") == 2
     first = tmp_path / "res" / "runs" / "digits" / "ce"

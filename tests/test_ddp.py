@@ -103,7 +103,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     while time.time() < deadline and not (metrics.is_file() and len(read_csv(metrics)) >= 2):
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)  # during epoch 2 (or its validation)
-    process.wait(timeout=120)
+    assert process.wait(timeout=120) == 143  # not finished: a scheduler must not read it as a success
     assert not (tmp_path / "killed" / "summary.json").exists()  # no half-finished summary
     assert (tmp_path / "killed" / "checkpoints" / "last.ckpt").is_file()
     assert not list((tmp_path / "killed").rglob("*.tmp"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -188,7 +189,7 @@ def test_fast_dev_run_smoke():
         (["--freeze-backbone"], "add --pretrained or --weights"),
         (["--split", "imbalanced-1"], "Add --data-dir"),
         (["--backbone", "resnet_19"], "--backbone 'resnet_19'"),
-        (["--loss", "ldam", "--drw-epoch", "-1", "--pretrained"], "--pretrained"),
+        (["--loss", "ldam", "--drw-epoch", "0", "--pretrained"], "--pretrained"),
     ],
 )
 def test_bad_options_are_clear_errors(args, message, capsys):
@@ -221,5 +222,7 @@ def test_unknown_flag_is_an_error(capsys):
 )
 def test_every_loss_runs_from_the_cli_on_the_embedded_default(loss, tmp_path):
     extra = ["--autobalance-search-epochs", "1"] if loss == "autobalance" else []
+    smoke_dirs = set(Path(tempfile.gettempdir()).glob("imbalance-fast-dev-run-*"))
     assert run_cli.main([*TINY, "--loss", loss, "--fast-dev-run", "--logger", "none", *extra]) == 0
     assert not list(tmp_path.glob("runs/**/*.*")), "a --fast-dev-run smoke test writes nothing"
+    assert set(Path(tempfile.gettempdir()).glob("imbalance-fast-dev-run-*")) <= smoke_dirs  # nor leaves any
