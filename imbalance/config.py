@@ -276,6 +276,8 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
         """Inverse of `to_dict`; unknown keys are an error so an old checkpoint never half-loads."""
+        if not isinstance(values, dict):
+            raise ConfigError(f"a run configuration must be a JSON object of options, got a {type(values).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:

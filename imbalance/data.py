@@ -672,7 +672,8 @@ def read_manifest(path: Path, what: str = "--manifest") -> dict:
     unnoticed) and that no file is in both train and val. `what` names the file in errors."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{what} {path} does not exist")
+        state = "is a folder, not a manifest.json file" if path.is_dir() else "does not exist"
+        raise DataError(f"{what} {path} {state}")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:

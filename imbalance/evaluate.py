@@ -48,7 +48,8 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 def read_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint's dict, or a DataError naming the file: missing, unreadable, or not one of ours."""
     if not path.is_file():
-        raise DataError(f"--checkpoint {path} does not exist")
+        state = "is a folder, not a .ckpt file" if path.is_dir() else "does not exist"
+        raise DataError(f"--checkpoint {path} {state}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no pickled code
     except Exception as error:  # truncated, not a torch file, or pickled objects other than tensors

@@ -87,9 +87,14 @@ class RunLock:
     def acquire(self) -> str | None:
         """Take the lock (creating the folder); return a note when a dead run's lock file was taken over.
         Raises `RunDirLocked` naming the folder and the holder when a live process has it."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(20):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as error:  # not writable, or .lock is a folder: say so instead of a traceback
+                raise RunDirLocked(
+                    f"cannot create the run-folder lock {self.path} ({error.strerror}); choose another --out"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

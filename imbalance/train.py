@@ -698,6 +698,8 @@ def owns_run_dir(run_dir: Path) -> bool:
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool, locked: bool = False) -> None:
     """Refuse, before anything is written, a folder another run holds, or one that holds a run this one would
     overwrite without --overwrite or --resume (read-only; repeated with `locked` under the lock we hold)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunError(f"--out {run_dir} is a file, not a folder; choose another --out")
     holder = None if locked else RunLock(run_dir).held_by_other()
     if holder is not None:
         raise RunError(

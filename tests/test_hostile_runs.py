@@ -385,3 +385,35 @@ def test_resume_with_a_broken_or_foreign_checkpoint_is_a_one_line_error(tmp_path
     last.write_bytes(good)
     assert run_cli.main([*FAST, "--out", "r", "--resume", "--epochs", "2"]) == 0
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["epochs_completed"] == 2
+
+
+def _one_line_error(args: list[str], capsys, main=None) -> str:
+    from experiments import run as run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        (main or run_cli.main)(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_paths_of_the_wrong_kind_are_one_line_errors(tmp_path, capsys):
+    # found by a hostile review: --out on a file, a .lock that is a folder, folders given for files,
+    # and a config.json that is not a JSON object
+    from experiments import evaluate as evaluate_cli
+
+    tiny = ["--backbone", "test_resnet", "--image-size", "16", "--epochs", "1", "--logger", "none"]
+    (tmp_path / "afile").write_text("hi")
+    assert "--out afile is a file, not a folder" in _one_line_error([*tiny, "--out", "afile"], capsys)
+    (tmp_path / "locked" / ".lock").mkdir(parents=True)
+    assert "locked/.lock" in _one_line_error([*tiny, "--out", "locked"], capsys)
+    (tmp_path / "adir").mkdir()
+    assert "is a folder, not a manifest.json" in _one_line_error([*tiny, "--manifest", "adir", "--out", "m"], capsys)
+    err = _one_line_error(["--checkpoint", "adir", "--out", "ev"], capsys, main=evaluate_cli.main)
+    assert "--checkpoint adir is a folder" in err
+    listed = tmp_path / "listed"
+    (listed / "checkpoints").mkdir(parents=True)
+    (listed / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (listed / "config.json").write_text("[1, 2]")
+    assert "JSON object" in _one_line_error([*tiny, "--out", "listed", "--resume"], capsys)
