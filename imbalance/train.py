@@ -39,7 +39,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -801,8 +801,18 @@ class _StopSignals:
             raise SIGTERMException
 
     def fit(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
-        """`trainer.fit`, with Lightning's exit on Ctrl-C (its `sys.exit(1)`) turned back into KeyboardInterrupt."""
-        self.inside_lightning = True
+        """`trainer.fit`, with Lightning's exit on Ctrl-C (its `sys.exit(1)`) turned back into KeyboardInterrupt.
+
+        Ours hands SIGTERM over to Lightning only at `on_train_start`: Lightning installs its handler inside
+        `fit`, after `on_fit_start`; a signal before that point, if only noted, would be lost and the run would
+        train to the end and exit 0."""
+        signals = self
+
+        class HandOver(Callback):
+            def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+                signals.inside_lightning = True
+
+        trainer.callbacks.append(HandOver())
         try:
             trainer.fit(*args, **kwargs)
         except SystemExit as stop:
