@@ -22,7 +22,9 @@ batch, so alpha is the same on every rank and the same as one process would find
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,73 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imbalance.io import atomic_write_json
-
-
-class ParametricLoss(nn.Module):
-    """-w_y log softmax(Delta * z + l)_y, averaged over the batch (sum_i w_{y_i} l_i / N).
-
-    With w = 1, Delta = 1, l = 0 it is cross-entropy; with l = tau log prior the logit-adjusted loss; with
-    Delta = 1, l = 0 the class-weighted sum. Parameters are stored unconstrained (omega, delta, lambda).
-    """
-
-    num_outputs = 2
-
-    def __init__(
-        self,
-        num_classes: int = 2,
-        weights: Sequence[float] | None = None,
-        scales: Sequence[float] | None = None,
-        offsets: Sequence[float] | None = None,
-        trainable: bool = False,
-    ) -> None:
-        super().__init__()
-        k = num_classes
-        w = torch.ones(k) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
-        d = torch.ones(k) if scales is None else torch.as_tensor(scales, dtype=torch.float32)
-        o = torch.zeros(k) if offsets is None else torch.as_tensor(offsets, dtype=torch.float32)
-        if (w <= 0).any() or (d <= 0).any():
-            raise ValueError(f"AutoBalance weights and scales must be positive, got {w.tolist()}, {d.tolist()}")
-        self.num_classes = k
-        omega, delta = torch.log(w), torch.log(d)
-        if trainable:
-            self.omega, self.delta, self.offset = (nn.Parameter(t.clone()) for t in (omega, delta, o))
-        else:
-            self.register_buffer("omega", omega)
-            self.register_buffer("delta", delta)
-            self.register_buffer("offset", o)
-
-    def alpha(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The normalised (w, Delta, l)."""
-        w = self.num_classes * torch.softmax(self.omega, 0)
-        scales = torch.exp(self.delta - self.delta.mean())
-        offsets = self.offset - self.offset.mean()
-        return w, scales, offsets
-
-    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        if logits.dtype in (torch.float16, torch.bfloat16):  # an autocast forward's logits: the loss in float32
-            logits = logits.float()
-        w, scales, offsets = self.alpha()
-        log_probs = F.log_softmax(logits * scales + offsets, dim=-1)
-        nll = -log_probs.gather(1, target[:, None]).squeeze(1)
-        return (w[target] * nll).mean()
-
-    def as_dict(self) -> dict[str, list[float]]:
-        w, scales, offsets = (t.detach().cpu().tolist() for t in self.alpha())
-        return {"weights": w, "scales": scales, "offsets": offsets}
-
-    @classmethod
-    def from_file(cls, path: Path) -> ParametricLoss:
-        try:
-            values = json.loads(Path(path).read_text())
-            return cls(len(values["weights"]), values["weights"], values["scales"], values["offsets"])
-        except (OSError, KeyError, json.JSONDecodeError) as error:
-            raise ValueError(f"--autobalance-params {path}: not an AutoBalance parameter file ({error})") from error
-
-    @classmethod
-    def from_config(cls, cfg, class_counts: Sequence[int]) -> ParametricLoss:
-        if cfg.autobalance_params is None:
-            raise ValueError("--loss autobalance needs its searched parameters; run it through experiments.run")
-        return cls.from_file(cfg.autobalance_params)
+from imbalance.losses import ParametricLoss
+from imbalance.model import ImbalanceClassifier, NonFiniteLossError
 
 
 def initial_loss(init: str, class_counts: Sequence[int], trainable: bool = True) -> ParametricLoss:
@@ -292,3 +229,102 @@ def plot_trajectory(trajectory: list[dict[str, Any]], class_names: Sequence[str]
     fig.suptitle("AutoBalance: the loss parameters during the search")
     fig.tight_layout()
     _save(fig, path)
+
+
+# ------------------------------------------------------------------ the search phase of a run
+
+
+class _SearchLossGuard(L.Callback):
+    """Stops AutoBalance's search when its logged training loss is NaN or infinite (the search module is not
+    ours to instrument; the classifier checks its own loss on the device, see ImbalanceClassifier). Looked at
+    every step on one CPU process, else every ImbalanceClassifier.NONFINITE_CHECK_EVERY steps and at each
+    epoch's last batch, by every rank together."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        every_step = pl_module.device.type == "cpu" and trainer.world_size == 1
+        if not (
+            every_step or (batch_idx + 1) % ImbalanceClassifier.NONFINITE_CHECK_EVERY == 0 or trainer.is_last_batch
+        ):
+            return
+        loss = trainer.callback_metrics.get("search/train_loss")
+        if loss is None:
+            return
+        value = loss.detach().float().reshape(())
+        if trainer.world_size > 1:
+            values = trainer.strategy.all_gather(value).reshape(-1)
+            bad = values[~torch.isfinite(values)]
+            value = bad[0] if len(bad) else values[0]
+        if not bool(torch.isfinite(value)):
+            lr = pl_module.lr
+            raise NonFiniteLossError(
+                f"the AutoBalance search's training loss became {float(value)} at search epoch "
+                f"{trainer.current_epoch}, batch {batch_idx}: training diverged; lower --lr (it is {lr:g}; try "
+                f"{lr / 10:g}) or --autobalance-lr"
+            )
+
+
+def run_search(cfg, run_dir: Path, hw: dict[str, Any], logger, signals=None) -> Path:
+    """AutoBalance's search phase of a run (`cfg` its RunConfig); returns the file of the found loss parameters (rank 0 writes it)."""
+    # the run machinery (trainer options, data loading) is imbalance.train's; imported here, not at the top,
+    # because imbalance.train imports this module's search for --loss autobalance
+    from imbalance.data import SearchDataModule, default_image_size, load_split
+    from imbalance.model import create_backbone, freeze_all_but_head
+    from imbalance.train import FAST_DEV_RUN_PREFIX, _make_trainer, _normalisation, _num_workers, _trainer_options, say
+
+    if cfg.fast_dev_run:  # a smoke test writes nothing into the run directory
+        run_dir = Path(tempfile.mkdtemp(prefix=FAST_DEV_RUN_PREFIX))  # removed when the smoke test ends
+    params_file = run_dir / "autobalance_params.json"
+    if cfg.resume and params_file.is_file():
+        return params_file
+    split = load_split(cfg)
+    train_part, meta_part = search_split([label for _, label in split.train], 0.2, cfg.seed)
+    search = replace(split, train=[split.train[i] for i in train_part], val=[split.train[i] for i in meta_part])
+    say(
+        f"AutoBalance search: train part {search.train_counts}, class-balanced validation part {search.val_counts} "
+        "(counts negative, positive)"
+    )
+    loss = initial_loss(cfg.autobalance_init, search.train_counts)
+    backbone = create_backbone(cfg.backbone, 2, cfg.pretrained, cfg.weights)
+    if cfg.freeze_backbone:  # the search trains what the retrain will train, on the same kind of batches
+        freeze_all_but_head(backbone)
+    image_size = cfg.image_size or default_image_size(split)
+    mean, std = _normalisation(backbone)
+    datamodule = SearchDataModule(
+        search, image_size, mean, std, cfg.batch_size, cfg.sampling, cfg.seed, _num_workers(cfg, split)
+    )
+    module = AutoBalanceSearch(
+        backbone,
+        loss,
+        cfg.lr,
+        cfg.weight_decay,
+        cfg.autobalance_lr,
+        inner_lr=0.1,
+        objective=cfg.autobalance_objective,
+        frozen_backbone=cfg.freeze_backbone,
+    )
+    epochs = cfg.autobalance_search_epochs or cfg.epochs
+    trainer = _make_trainer(
+        max_epochs=epochs,
+        logger=logger,
+        callbacks=[_SearchLossGuard()],
+        enable_checkpointing=False,
+        **_trainer_options(cfg, hw, run_dir / "search"),
+    )
+    if signals is None:
+        trainer.fit(module, datamodule=datamodule)
+    else:
+        signals.fit(trainer, module, datamodule=datamodule)
+    if trainer.is_global_zero:
+        extra = {
+            "init": cfg.autobalance_init,
+            "objective": cfg.autobalance_objective,
+            "search_epochs": epochs,
+            "class_names": list(split.class_names),
+            "train_part_counts": search.train_counts,
+            "validation_part_counts": search.val_counts,
+        }
+        save_params(loss, module.trajectory, params_file, extra)
+        plot_trajectory(module.trajectory, split.class_names, run_dir / "autobalance_trajectory.png")
+        say(f"AutoBalance found {json.dumps(loss.as_dict())}; retraining from scratch with it")
+    trainer.strategy.barrier()  # every rank reads the file rank 0 wrote
+    return params_file

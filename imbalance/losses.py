@@ -14,14 +14,14 @@ of the *training* split. Adding a loss is one class with a `from_config` classme
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from imbalance.autobalance import ParametricLoss
 
 if TYPE_CHECKING:
     from imbalance.config import RunConfig
@@ -407,6 +407,76 @@ class BalancedSoftmaxLoss(nn.Module):
     @classmethod
     def from_config(cls, cfg: RunConfig, class_counts: Sequence[int]) -> BalancedSoftmaxLoss:
         return cls(class_counts)
+
+
+class ParametricLoss(nn.Module):
+    """AutoBalance's parametric loss (Li et al., "AutoBalance: Optimized Loss Functions for Imbalanced Data",
+    NeurIPS 2021); its search lives in imbalance.autobalance.
+
+    -w_y log softmax(Delta * z + l)_y, averaged over the batch (sum_i w_{y_i} l_i / N).
+
+    With w = 1, Delta = 1, l = 0 it is cross-entropy; with l = tau log prior the logit-adjusted loss; with
+    Delta = 1, l = 0 the class-weighted sum. Parameters are stored unconstrained (omega, delta, lambda).
+    """
+
+    num_outputs = 2
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        weights: Sequence[float] | None = None,
+        scales: Sequence[float] | None = None,
+        offsets: Sequence[float] | None = None,
+        trainable: bool = False,
+    ) -> None:
+        super().__init__()
+        k = num_classes
+        w = torch.ones(k) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
+        d = torch.ones(k) if scales is None else torch.as_tensor(scales, dtype=torch.float32)
+        o = torch.zeros(k) if offsets is None else torch.as_tensor(offsets, dtype=torch.float32)
+        if (w <= 0).any() or (d <= 0).any():
+            raise ValueError(f"AutoBalance weights and scales must be positive, got {w.tolist()}, {d.tolist()}")
+        self.num_classes = k
+        omega, delta = torch.log(w), torch.log(d)
+        if trainable:
+            self.omega, self.delta, self.offset = (nn.Parameter(t.clone()) for t in (omega, delta, o))
+        else:
+            self.register_buffer("omega", omega)
+            self.register_buffer("delta", delta)
+            self.register_buffer("offset", o)
+
+    def alpha(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The normalised (w, Delta, l)."""
+        w = self.num_classes * torch.softmax(self.omega, 0)
+        scales = torch.exp(self.delta - self.delta.mean())
+        offsets = self.offset - self.offset.mean()
+        return w, scales, offsets
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        if logits.dtype in (torch.float16, torch.bfloat16):  # an autocast forward's logits: the loss in float32
+            logits = logits.float()
+        w, scales, offsets = self.alpha()
+        log_probs = F.log_softmax(logits * scales + offsets, dim=-1)
+        nll = -log_probs.gather(1, target[:, None]).squeeze(1)
+        return (w[target] * nll).mean()
+
+    def as_dict(self) -> dict[str, list[float]]:
+        w, scales, offsets = (t.detach().cpu().tolist() for t in self.alpha())
+        return {"weights": w, "scales": scales, "offsets": offsets}
+
+    @classmethod
+    def from_file(cls, path: Path) -> ParametricLoss:
+        try:
+            values = json.loads(Path(path).read_text())
+            return cls(len(values["weights"]), values["weights"], values["scales"], values["offsets"])
+        except (OSError, KeyError, json.JSONDecodeError) as error:
+            raise ValueError(f"--autobalance-params {path}: not an AutoBalance parameter file ({error})") from error
+
+    @classmethod
+    def from_config(cls, cfg, class_counts: Sequence[int]) -> ParametricLoss:
+        if cfg.autobalance_params is None:
+            raise ValueError("--loss autobalance needs its searched parameters; run it through experiments.run")
+        return cls.from_file(cfg.autobalance_params)
 
 
 LOSSES: dict[str, type[nn.Module]] = {

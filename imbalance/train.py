@@ -23,13 +23,10 @@ import io
 import json
 import os
 import pickle
-import platform
 import shutil
 import signal
 import sys
-import tempfile
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import replace
 from datetime import datetime
@@ -37,9 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -47,8 +43,8 @@ from imbalance.config import ConfigError, RunConfig, comparable
 from imbalance.data import ImbalanceDataModule, SplitData, default_image_size, load_split
 from imbalance.io import RunDirLocked, RunLock, atomic_write_json, atomic_write_text
 from imbalance.losses import build_loss
-from imbalance.metrics import best_f1_threshold, confusion_metrics
-from imbalance.model import ImbalanceClassifier, NonFiniteLossError, create_backbone, freeze_all_but_head
+from imbalance.model import ImbalanceClassifier, NonFiniteLossError, create_backbone
+from imbalance.recorder import RunRecorder
 
 FAST_DEV_RUN_PREFIX = "imbalance-fast-dev-run-"
 RUN_NAME_ENV = "IMBALANCE_RUN_NAME"  # hands the parent's run name to the DDP worker processes it starts
@@ -155,21 +151,6 @@ def _flag_text(value: Any) -> str:
     return "unset" if value is None else str(value)
 
 
-def versions() -> dict[str, str]:
-    import lightning
-    import timm
-    import torchmetrics
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": lightning.__version__,
-        "timm": timm.__version__,
-        "torchmetrics": torchmetrics.__version__,
-        "machine": platform.machine(),
-    }
-
-
 def wandb_mode() -> str:
     """'online' when W&B credentials exist (or WANDB_MODE says so), else 'offline'."""
     if os.environ.get("WANDB_MODE"):
@@ -212,266 +193,6 @@ def make_logger(cfg: RunConfig, run_name: str, run_dir: Path):
     if mode == "offline":
         say(f"W&B is offline (no credentials found); upload later with: wandb sync {run_dir}/wandb/offline-run-*")
     return logger
-
-
-def _selection_key(epoch: int, metrics: dict[str, float]) -> tuple[float, float, int]:
-    """Orders epochs by `RunRecorder.BEST_EPOCH_RULE`; a missing or NaN metric ranks lowest."""
-
-    def value(key: str) -> float:
-        number = metrics.get(key, float("nan"))
-        return number if number == number else float("-inf")
-
-    return value("val/f1"), value("val/auroc"), epoch
-
-
-class RunRecorder(Checkpoint):
-    """Writes metrics.csv, summary.json and predictions.csv of the run directory (rank 0 only), and saves
-    `checkpoints/best.ckpt` at the epoch chosen by `BEST_EPOCH_RULE` and `checkpoints/last.ckpt` at the end
-    of every training epoch.
-
-    It is a `Checkpoint` so that Lightning calls its `on_train_epoch_end` *after* the module's (as for every
-    monitoring callback): the module logs its train epoch metrics there, so an epoch's row (val and train
-    columns) is complete before `last.ckpt` is written, and a resumed run keeps every column of that epoch.
-    """
-
-    BEST_EPOCH_RULE = "highest val F1; ties broken by the higher val AUROC, then by the later epoch"
-
-    def __init__(self, run_dir: Path, cfg: RunConfig, split: SplitData, extra: dict[str, Any]) -> None:
-        self.run_dir = run_dir
-        self.cfg = cfg
-        self.split = split
-        self.extra = extra
-        self.history: list[dict[str, float]] = []
-        self.pending: dict[str, float] | None = None
-        self.best: dict[str, Any] | None = None
-        self.best_predictions: dict[str, np.ndarray] | None = None
-        self.last_predictions: dict[str, np.ndarray] | None = None  # of the last validated epoch
-        self.last_epoch: int | None = None
-        self.last_saved_epoch: int | None = None  # the epoch last.ckpt holds: what --resume continues from
-        self.best_model_path = self.last_model_path = ""  # as Lightning's own checkpoint callbacks expose them
-        self.started = time.time()
-        self.previous_wall_time = 0.0  # time spent before a --resume
-
-    # state travels in the checkpoint, so --resume continues the same history and best epoch
-    def state_dict(self) -> dict[str, Any]:
-        def listed(predictions: dict[str, np.ndarray] | None) -> dict[str, list] | None:
-            return None if predictions is None else {k: v.tolist() for k, v in predictions.items()}
-
-        return {
-            "history": self.history,
-            "pending": self.pending,
-            "best": self.best,
-            "best_predictions": listed(self.best_predictions),
-            "last_predictions": listed(self.last_predictions),
-            "last_epoch": self.last_epoch,
-            "wall_time": self.previous_wall_time + time.time() - self.started,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        def arrays(predictions: dict[str, list] | None) -> dict[str, np.ndarray] | None:
-            return None if predictions is None else {k: np.asarray(v) for k, v in predictions.items()}
-
-        self.history, self.pending, self.best = state["history"], state["pending"], state["best"]
-        self.best_predictions = arrays(state.get("best_predictions"))
-        self.last_predictions = arrays(state.get("last_predictions"))
-        self.last_epoch = state.get("last_epoch")
-        self.last_saved_epoch = self.history[-1]["epoch"] if self.history else None
-        self.previous_wall_time = state["wall_time"]
-        self.started = time.time()
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
-        logger = trainer.logger
-        if logger:  # --batch-size is per device: record what one optimiser step really sees
-            logger.log_hyperparams(
-                {"global_batch_size": self.extra["global_batch_size"], "world_size": trainer.world_size}
-            )
-        if trainer.is_global_zero and type(logger).__name__ == "WandbLogger":
-            # --resume reads this to continue the same W&B run
-            atomic_write_text(self.run_dir / "wandb_id.txt", logger.experiment.id)
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
-        # on_validation_end, not on_validation_epoch_end: the module logs its val metrics in the latter,
-        # after the callbacks' hooks of that name have run
-        if trainer.sanity_checking:
-            return
-        epoch = trainer.current_epoch
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        self.pending = {"epoch": epoch, **metrics}
-        predictions = pl_module.val_predictions
-        if predictions is not None:
-            self.last_predictions = {k: v.numpy() for k, v in predictions.items()}
-        self.last_epoch = epoch
-        if self.best is None or _selection_key(epoch, metrics) > _selection_key(
-            self.best["epoch"], self.best["metrics"]
-        ):
-            self.best = {"epoch": epoch, "metrics": metrics, "rule": self.BEST_EPOCH_RULE}
-            self.best_predictions = self.last_predictions
-            if not trainer.fast_dev_run:  # every rank calls it (a collective); rank 0 writes the file
-                self.best_model_path = str(self.run_dir / "checkpoints" / "best.ckpt")
-                trainer.save_checkpoint(self.best_model_path)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
-        self._complete_row(trainer)  # after the module's hook (see the class docstring)
-        if not trainer.fast_dev_run:  # --resume continues from here, with this epoch's row complete
-            self.last_model_path = str(self.run_dir / "checkpoints" / "last.ckpt")
-            trainer.save_checkpoint(self.last_model_path)
-            self.last_saved_epoch = trainer.current_epoch
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
-        self._complete_row(trainer)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
-        self._complete_row(trainer)
-        if trainer.is_global_zero:
-            self.write_summary(trainer)
-
-    def _complete_row(self, trainer: L.Trainer) -> None:
-        if self.pending is None:
-            return
-        train = {
-            k: float(v)
-            for k, v in trainer.callback_metrics.items()
-            if k.startswith("train/") and not k.endswith("_step")
-        }
-        self.history.append({**self.pending, **train})
-        self.pending = None
-        if trainer.is_global_zero:
-            self._write_metrics_csv()
-
-    @rank_zero_only
-    def _write_metrics_csv(self) -> None:
-        columns = list(dict.fromkeys(k for row in self.history for k in row))
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(self.run_dir / "metrics.csv", buffer.getvalue())
-
-    def write_summary(self, trainer: L.Trainer) -> dict[str, Any]:
-        summary: dict[str, Any] = {
-            "run_dir": str(self.run_dir),
-            "data": self.split.source,
-            "class_names": {"negative": self.split.class_names[0], "positive": self.split.class_names[1]},
-            "train_counts": dict(zip(self.split.class_names, self.split.train_counts, strict=True)),
-            "val_counts": dict(zip(self.split.class_names, self.split.val_counts, strict=True)),
-            "skipped_files": len(self.split.skipped),
-            "epochs_completed": len(self.history),
-            "best": self.best,
-            "last": {"epoch": self.history[-1]["epoch"], "metrics": self.history[-1]} if self.history else None,
-            "config": self.cfg.to_dict(),
-            "wall_time_s": round(self.previous_wall_time + time.time() - self.started, 2),
-            "versions": versions(),
-            **self.extra,
-        }
-        if self.best is not None:
-            m = self.best["metrics"]
-            summary["confusion_matrix"] = {
-                "rows": "true class",
-                "columns": "predicted class",
-                "labels": list(self.split.class_names),
-                "matrix": [[m.get("val/tn"), m.get("val/fp")], [m.get("val/fn"), m.get("val/tp")]],
-            }
-        if self.last_predictions is not None:
-            summary.update(self._thresholds())
-        if self.best_predictions is not None:
-            self._write_predictions()
-        finite = self.best_predictions is None or bool(np.isfinite(self.best_predictions["prob"]).all())
-        if not finite:
-            summary["pictures"] = []  # NaN probabilities have no PR curve (then every epoch's were NaN)
-        atomic_write_json(self.run_dir / "summary.json", summary)
-        if self.best_predictions is not None and finite:  # pictures last: a plotting problem never costs the numbers
-            summary["pictures"] = self._pictures(trainer, summary)
-            atomic_write_json(self.run_dir / "summary.json", summary)
-        return summary
-
-    def _pictures(self, trainer: L.Trainer, summary: dict[str, Any]) -> list[str]:
-        """PNGs in the run directory, and the same (plus interactive plots) in W&B when it is the logger."""
-        from imbalance import plots
-        from imbalance.data import ImageDataset
-
-        labels, probs = self.best_predictions["label"], self.best_predictions["prob"]
-        names = self.split.class_names
-        m = self.best["metrics"]
-        title = f"Validation, epoch {self.best['epoch']} (best val F1 {m.get('val/f1', float('nan')):.3f})"
-        thresholds = {"0.5": 0.5}
-        if "tuned_threshold" in summary and summary["tuned_threshold"]["epoch"] == self.best["epoch"]:
-            thresholds["tuned (optimistic)"] = summary["tuned_threshold"]["threshold"]
-        dataset = ImageDataset(self.split.val, self.split.root, transform=None)
-        mistakes = plots.confident_mistakes(labels, probs)
-        files = [
-            plots.confusion_matrix_png(
-                *(int(m.get(f"val/{k}", 0)) for k in ("tn", "fp", "fn", "tp")),
-                names,
-                self.run_dir / "confusion_matrix.png",
-                title,
-            ),
-            plots.pr_curve_png(labels, probs, self.run_dir / "pr_curve.png", thresholds, names[1]),
-            plots.curves_png(self.history, self.run_dir / "curves.png"),
-            plots.mistakes_grid_png(mistakes, labels, probs, dataset.load_image, names, self.run_dir / "mistakes.png"),
-        ]
-        if type(trainer.logger).__name__ == "WandbLogger":
-            self._log_wandb(trainer.logger.experiment, files, labels, probs, mistakes, dataset)
-        return [f.name for f in files]
-
-    def _log_wandb(self, run, files, labels, probs, mistakes, dataset) -> None:
-        import wandb
-
-        names = list(self.split.class_names)
-        preds = (probs > 0.5).astype(int)
-        table = wandb.Table(columns=["path", "label", "prob_positive", "image"])
-        for i in mistakes:
-            table.add_data(
-                self.split.val[int(i)][0],
-                names[int(labels[i])],
-                float(probs[i]),
-                wandb.Image(dataset.load_image(int(i))),
-            )
-        run.log(
-            {
-                "val/confusion_matrix": wandb.plot.confusion_matrix(
-                    y_true=labels.tolist(), preds=preds.tolist(), class_names=names
-                ),
-                "val/pr_curve": wandb.plot.pr_curve(
-                    labels.tolist(), np.stack([1 - probs, probs], axis=1).tolist(), labels=names
-                ),
-                "val/misclassified": table,
-                **{f"pictures/{f.stem}": wandb.Image(str(f)) for f in files},
-            }
-        )
-
-    def _thresholds(self) -> dict[str, Any]:
-        """Metrics at 0.5, at the tuned threshold and after post-hoc logit adjustment, all computed from the
-        *last* epoch's validation predictions: the model the table reports, with no selection of epochs."""
-        labels, probs = self.last_predictions["label"], self.last_predictions["prob"]
-        source = {"epoch": self.last_epoch, "predictions": "the last epoch's validation predictions"}
-        out: dict[str, Any] = {"at_threshold_0.5": {**source, **confusion_metrics(labels, probs, 0.5)}}
-        if self.cfg.tune_threshold:
-            t = best_f1_threshold(labels, probs)
-            out["tuned_threshold"] = {
-                "note": "threshold chosen to maximise F1 on this same validation set: optimistic",
-                **source,
-                **confusion_metrics(labels, probs, t),
-            }
-        if self.cfg.posthoc_la is not None:
-            counts = np.asarray(self.split.train_counts, dtype=np.float64)
-            shift = self.cfg.posthoc_la * (np.log(counts[1]) - np.log(counts[0]))
-            p = np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12)
-            adjusted = 1 / (1 + np.exp(-(np.log(p) - np.log1p(-p) - shift)))
-            out["posthoc_logit_adjusted"] = {
-                "tau": self.cfg.posthoc_la,
-                **source,
-                **confusion_metrics(labels, adjusted, 0.5),
-            }
-        return out
-
-    def _write_predictions(self) -> None:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer)
-        writer.writerow(["path", "label", "prob_positive", "prediction"])
-        items = self.split.val
-        for index, label, prob in zip(*(self.best_predictions[k] for k in ("index", "label", "prob")), strict=True):
-            writer.writerow([items[int(index)][0], int(label), f"{float(prob):.6f}", int(prob > 0.5)])
-        atomic_write_text(self.run_dir / "predictions.csv", buffer.getvalue())
 
 
 def _normalisation(backbone) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -534,99 +255,6 @@ def _trainer_options(cfg: RunConfig, hw: dict[str, Any], run_dir: Path) -> dict[
         benchmark=True if torch.cuda.is_available() and hw["accelerator"] != "cpu" else None,  # cudnn autotune
         **hw,
     )
-
-
-class _SearchLossGuard(L.Callback):
-    """Stops AutoBalance's search when its logged training loss is NaN or infinite (the search module is not
-    ours to instrument; the classifier checks its own loss on the device, see ImbalanceClassifier). Looked at
-    every step on one CPU process, else every ImbalanceClassifier.NONFINITE_CHECK_EVERY steps and at each
-    epoch's last batch, by every rank together."""
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
-        every_step = pl_module.device.type == "cpu" and trainer.world_size == 1
-        if not (
-            every_step or (batch_idx + 1) % ImbalanceClassifier.NONFINITE_CHECK_EVERY == 0 or trainer.is_last_batch
-        ):
-            return
-        loss = trainer.callback_metrics.get("search/train_loss")
-        if loss is None:
-            return
-        value = loss.detach().float().reshape(())
-        if trainer.world_size > 1:
-            values = trainer.strategy.all_gather(value).reshape(-1)
-            bad = values[~torch.isfinite(values)]
-            value = bad[0] if len(bad) else values[0]
-        if not bool(torch.isfinite(value)):
-            lr = pl_module.lr
-            raise NonFiniteLossError(
-                f"the AutoBalance search's training loss became {float(value)} at search epoch "
-                f"{trainer.current_epoch}, batch {batch_idx}: training diverged; lower --lr (it is {lr:g}; try "
-                f"{lr / 10:g}) or --autobalance-lr"
-            )
-
-
-def autobalance_search(cfg: RunConfig, run_dir: Path, hw: dict[str, Any], logger, signals=None) -> Path:
-    """AutoBalance's search phase; returns the file of the found loss parameters (rank 0 writes it)."""
-    from imbalance.autobalance import AutoBalanceSearch, initial_loss, plot_trajectory, save_params, search_split
-    from imbalance.data import SearchDataModule
-
-    if cfg.fast_dev_run:  # a smoke test writes nothing into the run directory
-        run_dir = Path(tempfile.mkdtemp(prefix=FAST_DEV_RUN_PREFIX))  # removed when the smoke test ends
-    params_file = run_dir / "autobalance_params.json"
-    if cfg.resume and params_file.is_file():
-        return params_file
-    split = load_split(cfg)
-    train_part, meta_part = search_split([label for _, label in split.train], 0.2, cfg.seed)
-    search = replace(split, train=[split.train[i] for i in train_part], val=[split.train[i] for i in meta_part])
-    say(
-        f"AutoBalance search: train part {search.train_counts}, class-balanced validation part {search.val_counts} "
-        "(counts negative, positive)"
-    )
-    loss = initial_loss(cfg.autobalance_init, search.train_counts)
-    backbone = create_backbone(cfg.backbone, 2, cfg.pretrained, cfg.weights)
-    if cfg.freeze_backbone:  # the search trains what the retrain will train, on the same kind of batches
-        freeze_all_but_head(backbone)
-    image_size = cfg.image_size or default_image_size(split)
-    mean, std = _normalisation(backbone)
-    datamodule = SearchDataModule(
-        search, image_size, mean, std, cfg.batch_size, cfg.sampling, cfg.seed, _num_workers(cfg, split)
-    )
-    module = AutoBalanceSearch(
-        backbone,
-        loss,
-        cfg.lr,
-        cfg.weight_decay,
-        cfg.autobalance_lr,
-        inner_lr=0.1,
-        objective=cfg.autobalance_objective,
-        frozen_backbone=cfg.freeze_backbone,
-    )
-    epochs = cfg.autobalance_search_epochs or cfg.epochs
-    trainer = _make_trainer(
-        max_epochs=epochs,
-        logger=logger,
-        callbacks=[_SearchLossGuard()],
-        enable_checkpointing=False,
-        **_trainer_options(cfg, hw, run_dir / "search"),
-    )
-    if signals is None:
-        trainer.fit(module, datamodule=datamodule)
-    else:
-        signals.fit(trainer, module, datamodule=datamodule)
-    if trainer.is_global_zero:
-        extra = {
-            "init": cfg.autobalance_init,
-            "objective": cfg.autobalance_objective,
-            "search_epochs": epochs,
-            "class_names": list(split.class_names),
-            "train_part_counts": search.train_counts,
-            "validation_part_counts": search.val_counts,
-        }
-        save_params(loss, module.trajectory, params_file, extra)
-        plot_trajectory(module.trajectory, split.class_names, run_dir / "autobalance_trajectory.png")
-        say(f"AutoBalance found {json.dumps(loss.as_dict())}; retraining from scratch with it")
-    trainer.strategy.barrier()  # every rank reads the file rank 0 wrote
-    return params_file
 
 
 class RunError(RuntimeError):
@@ -964,10 +592,12 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
                 **_trainer_options(cfg, hw, run_dir),
             )
             if cfg.loss == "autobalance" and cfg.autobalance_params is None:
+                from imbalance.autobalance import run_search
+
                 create_backbone(cfg.backbone, 2, cfg.pretrained, cfg.weights)  # --weights checked before any file
                 L.seed_everything(cfg.seed, workers=True, verbose=False)  # the search starts as it always did
                 folder.take()
-                cfg = replace(cfg, autobalance_params=autobalance_search(cfg, run_dir, hw, logger, signals))
+                cfg = replace(cfg, autobalance_params=run_search(cfg, run_dir, hw, logger, signals))
                 recorder.cfg = cfg
                 L.seed_everything(cfg.seed, workers=True, verbose=False)  # the retrain starts as any other run
             split, module, datamodule = prepare(cfg, split)

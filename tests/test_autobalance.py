@@ -168,7 +168,7 @@ def test_search_honours_freeze_backbone_and_sampling(tmp_path, monkeypatch):
     import imbalance.autobalance as autobalance
     import imbalance.data as data
     from imbalance.config import RunConfig
-    from imbalance.train import autobalance_search
+    from imbalance.autobalance import run_search
 
     seen = {}
 
@@ -199,7 +199,7 @@ def test_search_honours_freeze_backbone_and_sampling(tmp_path, monkeypatch):
         logger="none",
     ).validate()
     hw = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto"}
-    autobalance_search(cfg, tmp_path / "run", hw, logger=False)
+    run_search(cfg, tmp_path / "run", hw, logger=False)
     assert seen["train_sampler"].mode == "under"
     saved = torch.load(tmp_path / "w.pt", weights_only=True)
     trained = seen["module"].backbone.state_dict()

@@ -12,7 +12,7 @@ import torch
 from imbalance.config import RunConfig
 from imbalance.data import SplitData
 from imbalance.metrics import best_f1_threshold, confusion_metrics
-from imbalance.train import RunRecorder
+from imbalance.recorder import RunRecorder
 
 LABELS = torch.tensor([0, 0, 0, 1, 1, 1])
 
