@@ -278,7 +278,7 @@ def run_search(cfg, run_dir: Path, hw: dict[str, Any], logger, signals=None) -> 
         return params_file
     split = load_split(cfg)
     train_part, meta_part = search_split([label for _, label in split.train], 0.2, cfg.seed)
-    search = replace(split, train=[split.train[i] for i in train_part], val=[split.train[i] for i in meta_part])
+    search = replace(split, train=[split.train[i] for i in train_part], val=[split.train[i] for i in meta_part], dev=[])
     say(
         f"AutoBalance search: train part {search.train_counts}, class-balanced validation part {search.val_counts} "
         "(counts negative, positive)"

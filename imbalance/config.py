@@ -43,6 +43,11 @@ def comparable(values: dict[str, Any]) -> dict[str, Any]:
     return {k: str(Path(v).resolve()) if k in PATH_FIELDS and v is not None else v for k, v in values.items()}
 
 
+# options of earlier versions that no longer exist; a stored config holding them still loads
+# (tune_threshold: a run now always reports its dev-tuned threshold)
+RETIRED_KEYS = ("tune_threshold",)
+
+
 class ConfigError(ValueError):
     """An option is unknown, out of range or contradicts another one."""
 
@@ -56,6 +61,7 @@ class RunConfig:
     train_counts: tuple[int, int] | None = None
     val_counts: tuple[int, int] | None = None
     scale: float = 1.0
+    dev_fraction: float = 0.1  # of each training class, held out for every decision (imbalance.data)
     manifest: Path | None = None
     image_size: int | None = None
     cache: bool = False
@@ -84,8 +90,7 @@ class RunConfig:
     autobalance_search_epochs: int | None = None
     autobalance_lr: float = 0.05
     autobalance_objective: str = "balanced-ce"
-    tune_threshold: bool = False
-    posthoc_la: float | None = None
+    posthoc_la: float | None = None  # a fixed post-hoc tau; None: tau is tuned on the dev split
     # optimisation
     batch_size: int = 64
     epochs: int = 10
@@ -152,6 +157,10 @@ class RunConfig:
             fail(f"--precision {self.precision!r} is not one Lightning accepts; choose one of: {', '.join(PRECISIONS)}")
         if not 0 < self.scale <= 1:
             fail(f"--scale must be in (0, 1], got {self.scale}")
+        if not 0 <= self.dev_fraction <= 0.5:
+            fail(f"--dev-fraction must be in [0, 0.5] (0: no dev split), got {self.dev_fraction}")
+        if self.posthoc_la is not None and self.posthoc_la < 0:
+            fail(f"--posthoc-la must be >= 0, got {self.posthoc_la}")
         if self.image_size is not None and self.image_size < 8:
             fail(f"--image-size must be at least 8 pixels, got {self.image_size}")
         if not 0 <= self.label_smoothing < 1:
@@ -180,6 +189,8 @@ class RunConfig:
         # --manifest needs no --data-dir: the manifest says where its data is (a folder, or the embedded digits)
         if self.manifest is not None and (self.split or self.train_counts or self.val_counts or self.scale != 1):
             fail("--manifest replays a saved split exactly; drop --split/--train-counts/--val-counts/--scale")
+        if self.manifest is not None and self.dev_fraction != 0.1:
+            fail("--manifest replays a saved split, its dev part included; drop --dev-fraction")
         if self.data_dir is None and (self.split or self.train_counts or self.val_counts):
             fail(
                 "--split, --train-counts and --val-counts choose photos from --data-dir; "
@@ -279,6 +290,7 @@ class RunConfig:
         if not isinstance(values, dict):
             raise ConfigError(f"a run configuration must be a JSON object of options, got a {type(values).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in values.items() if k not in RETIRED_KEYS}
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ConfigError(f"unknown configuration keys {unknown}; was this written by a newer version?")

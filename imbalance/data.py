@@ -5,7 +5,8 @@ The path a sample takes:
 2. `scan_images` decodes every file once (cached by path, size and mtime) and drops the bad ones, with the
    reason, so no epoch ever meets a corrupt file; `to_rgb` is the one conversion of every Pillow mode to
    8-bit RGB, used by the scan, the loaders and the decode-once cache alike;
-3. `draw_split` draws validation first, then nested training sets, from a seeded permutation per class;
+3. `draw_split` draws validation first, then nested training sets, from a seeded permutation per class, and
+   holds out a dev part of each training class (`dev_positions`: nested too) on which every decision is made;
 4. `ImbalanceDataModule` serves them, with samplers that stay correct under DDP.
 
 Labels: 1 is the positive class (`--positive-class`, cat by default), 0 the negative one.
@@ -30,6 +31,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import lightning as L
@@ -89,6 +91,8 @@ class SplitData:
     root: Path | None = None  # None for the embedded digits
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found by the scan
     layout: str = "embedded"
+    # held out of the training data for decisions (checkpoint, threshold, tau); empty with --dev-fraction 0
+    dev: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def train_counts(self) -> list[int]:
@@ -101,6 +105,11 @@ class SplitData:
         labels = [label for _, label in self.val]
         return [labels.count(0), labels.count(1)]
 
+    @property
+    def dev_counts(self) -> list[int]:
+        labels = [label for _, label in self.dev]
+        return [labels.count(0), labels.count(1)]
+
     def manifest(self) -> dict:
         """The split as JSON, with a sha256 over everything that defines it (a checkpoint carries it)."""
         body = {
@@ -108,22 +117,25 @@ class SplitData:
             "layout": self.layout,
             "class_names": list(self.class_names),
             "train": [list(item) for item in self.train],
+            "dev": [list(item) for item in self.dev],
             "val": [list(item) for item in self.val],
         }
         return {"version": MANIFEST_VERSION, "sha256": manifest_digest(body, MANIFEST_VERSION), **body}
 
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 
 def manifest_digest(manifest: dict, version: int) -> str:
     """sha256 of what defines a split. Version 1 hashed only the two file lists; version 2 also the class
-    names (which label is positive) and the layout, so no edit of them goes unnoticed. Not the root: the
-    same split may be replayed from another copy of the folder."""
+    names (which label is positive) and the layout, so no edit of them goes unnoticed; version 3 also the
+    dev list. Not the root: the same split may be replayed from another copy of the folder."""
     if version == 1:
         body: object = [manifest["train"], manifest["val"]]
-    else:
+    elif version == 2:
         body = {key: manifest[key] for key in ("class_names", "layout", "train", "val")}
+    else:
+        body = {key: manifest[key] for key in ("class_names", "layout", "train", "dev", "val")}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -560,16 +572,46 @@ def _class_permutation(files: Sequence[str], seed: int, class_name: str) -> list
     return [files[i] for i in order]
 
 
+def dev_positions(n: int, fraction: float) -> np.ndarray:
+    """Which of a class's `n` training photos (in its seeded permutation's order) are held out as dev: position
+    i when ceil((i + 1) f) > ceil(i f). That is ceil(n f) photos, at least one for any f > 0, spread evenly
+    through the permutation, and the first n' < n positions hold exactly the dev photos of a class of n', so the
+    dev sets are nested across presets like the training sets (imbalanced-2's dev cats are among imbalanced-1's).
+    The fraction is taken as the decimal it was written as (0.1 is 1/10 exactly, not 0.1000000000000000055)."""
+    f = Fraction(str(fraction))
+    m = np.arange(n + 1, dtype=np.int64)
+    held_among_first = -((-m * f.numerator) // f.denominator)  # ceil(m f) in integers, exactly
+    return np.diff(held_among_first) > 0
+
+
+def _carve_dev(
+    items: Sequence[str], label: int, fraction: float, name: str
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(train, dev) of one class's training photos, given in their permutation order."""
+    held = dev_positions(len(items), fraction)
+    if fraction and held.all():
+        raise DataError(
+            f"--dev-fraction {fraction:g} holds out all {len(items)} training images of class {name!r}, leaving "
+            "none to train on; use a smaller --dev-fraction, more training images, or --dev-fraction 0"
+        )
+    train = [(p, label) for p, dev in zip(items, held, strict=True) if not dev]
+    dev = [(p, label) for p, dev in zip(items, held, strict=True) if dev]
+    return train, dev
+
+
 def draw_split(
     files: dict[str, list[str]],
     class_names: tuple[str, str],
     counts: tuple[tuple[int, int], tuple[int, int]] | None,
     seed: int,
     scale: float = 1.0,
-) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
-    """Validation first, then training, from each class's seeded permutation. Ids keep their given form.
-    With no counts, every image is used (`scale` of them), 12% of each class for validation."""
+    dev_fraction: float = 0.0,
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]], list[tuple[str, int]]]:
+    """(train, dev, val): validation first, then training, from each class's seeded permutation; the dev part
+    is carved out of the training photos (`dev_positions`). Ids keep their given form. With no counts, every
+    image is used (`scale` of them), 12% of each class for validation."""
     train: list[tuple[str, int]] = []
+    dev: list[tuple[str, int]] = []
     val: list[tuple[str, int]] = []
     for label in (1, 0):
         name = class_names[label]
@@ -588,8 +630,10 @@ def draw_split(
                 f"({n_train} train + {n_val} val); ask for fewer"
             )
         val += [(p, label) for p in pool[:n_val]]
-        train += [(p, label) for p in pool[n_val : n_val + n_train]]
-    return sorted(train), sorted(val)
+        kept, held = _carve_dev(pool[n_val : n_val + n_train], label, dev_fraction, name)
+        train += kept
+        dev += held
+    return sorted(train), sorted(dev), sorted(val)
 
 
 def load_split(cfg: RunConfig) -> SplitData:
@@ -597,7 +641,7 @@ def load_split(cfg: RunConfig) -> SplitData:
     if cfg.manifest is not None:
         return load_manifest(cfg.manifest, cfg.data_dir)
     if cfg.data_dir is None:
-        return embedded_digits(cfg.seed)
+        return embedded_digits(cfg.seed, cfg.dev_fraction)
     found = discover(cfg.data_dir)
     all_files = [p for files in found.files.values() for p in files]
     bad = scan_images(all_files, found.root)
@@ -615,14 +659,21 @@ def load_split(cfg: RunConfig) -> SplitData:
                 f"is used as given; drop {'it' if len(given) == 1 else 'them'}, or point --data-dir at an unsplit folder"
             )
         _check_class_sizes(found, class_names, {}, cfg, bad)
-        train = sorted((p, int(c == class_names[1])) for c, f in found.presplit["train"].items() for p in usable(f))
+        train, dev = [], []
+        for c, f in found.presplit["train"].items():  # dev from train/, in a seeded order as for unsplit folders
+            kept, held = _carve_dev(
+                _class_permutation(sorted(usable(f)), cfg.seed, c), int(c == class_names[1]), cfg.dev_fraction, c
+            )
+            train += kept
+            dev += held
+        train, dev = sorted(train), sorted(dev)
         val = sorted((p, int(c == class_names[1])) for c, f in found.presplit["val"].items() for p in usable(f))
     else:
         files = {c: usable(f) for c, f in found.files.items()}
         _check_class_sizes(found, class_names, files, cfg, bad)
-        train, val = draw_split(files, class_names, split_counts(cfg), cfg.seed, cfg.scale)
+        train, dev, val = draw_split(files, class_names, split_counts(cfg), cfg.seed, cfg.scale, cfg.dev_fraction)
     source = f"{found.layout} photos in {found.root}"
-    return SplitData(source, class_names, train, val, found.root, skipped, found.layout)
+    return SplitData(source, class_names, train, val, found.root, skipped, found.layout, dev)
 
 
 def _split_options(cfg: RunConfig) -> list[str]:
@@ -636,7 +687,7 @@ def _split_options(cfg: RunConfig) -> list[str]:
     return given
 
 
-MANIFEST_KEYS = ("version", "sha256", "root", "layout", "class_names", "train", "val")
+MANIFEST_KEYS = ("version", "sha256", "root", "layout", "class_names", "train", "val")  # and "dev" from version 3
 
 
 def _manifest_problem(manifest: object) -> str | None:
@@ -647,8 +698,10 @@ def _manifest_problem(manifest: object) -> str | None:
     if missing:
         return f"missing keys {missing}"
     version = manifest["version"]
-    if version not in (1, MANIFEST_VERSION) or isinstance(version, bool):
-        return f"version {version!r} is unknown (this code reads 1 and {MANIFEST_VERSION}); is it from a newer version?"
+    if version not in range(1, MANIFEST_VERSION + 1) or isinstance(version, bool):
+        return f"version {version!r} is unknown (this code reads 1 to {MANIFEST_VERSION}); is it from a newer version?"
+    if version >= 3 and "dev" not in manifest:
+        return "missing key 'dev' (a version 3 manifest lists its dev split)"
     if not isinstance(manifest["sha256"], str) or not isinstance(manifest["layout"], str):
         return "'sha256' and 'layout' must be strings"
     if manifest["root"] is not None and not isinstance(manifest["root"], str):
@@ -656,7 +709,7 @@ def _manifest_problem(manifest: object) -> str | None:
     names = manifest["class_names"]
     if not (isinstance(names, list) and len(names) == 2 and all(isinstance(n, str) for n in names)):
         return f"'class_names' must hold exactly two class names (negative, positive), found {names!r}"
-    for key in ("train", "val"):
+    for key in ("train", "dev", "val") if version >= 3 else ("train", "val"):
         items = manifest[key]
         if not isinstance(items, list):
             return f"'{key}' must be a list of [path, label] pairs, found a {type(items).__name__}"
@@ -669,7 +722,7 @@ def _manifest_problem(manifest: object) -> str | None:
 
 def read_manifest(path: Path, what: str = "--manifest") -> dict:
     """A manifest's JSON, checked whole before use: its shape and version, its sha256 (so no hand edit goes
-    unnoticed) and that no file is in both train and val. `what` names the file in errors."""
+    unnoticed) and that no file is in two of train, dev and val. `what` names the file in errors."""
     path = Path(path)
     if not path.is_file():
         state = "is a folder, not a manifest.json file" if path.is_dir() else "does not exist"
@@ -685,10 +738,14 @@ def read_manifest(path: Path, what: str = "--manifest") -> dict:
         raise DataError(
             f"{what} {path}: its contents do not match its sha256; was it edited by hand? Use a manifest.json as a run wrote it"
         )
-    shared = sorted({p for p, _ in manifest["train"]} & {p for p, _ in manifest["val"]})
+    parts = {key: {p for p, _ in manifest.get(key, [])} for key in ("train", "dev", "val")}
+    for a, b in (("train", "val"), ("train", "dev"), ("dev", "val")):
+        shared = sorted(parts[a] & parts[b])
+        if shared:
+            break
     if shared:
         raise DataError(
-            f"{what} {path} lists {len(shared)} files in both train and val, e.g. {shared[0]}; "
+            f"{what} {path} lists {len(shared)} files in both {a} and {b}, e.g. {shared[0]}; "
             "a split must keep them apart: use a manifest.json as a run wrote it"
         )
     return manifest
@@ -708,16 +765,17 @@ def split_from_manifest(
     the integrity scan: a split is replayed as it was or refused, never silently changed. Evaluation checks
     only "val", so a training photo removed since the run does not matter to it."""
     train = [(p, label) for p, label in manifest["train"]]
+    dev = [(p, label) for p, label in manifest.get("dev", [])]  # none before version 3
     val = [(p, label) for p, label in manifest["val"]]
     if manifest["layout"] == "embedded":
-        return _embedded_manifest(path, manifest, train, val, what)
+        return _embedded_manifest(path, manifest, train, dev, val, what)
     root = data_dir if data_dir is not None else manifest["root"]
     if root is None:
         raise DataError(
             f"{what} {path} does not say where its photos are (root is null); say it: --manifest FILE --data-dir DIR"
         )
     root = Path(root)
-    checked = [p for part in parts for p, _ in manifest[part]]
+    checked = [p for part in parts for p, _ in manifest.get(part, [])]
     missing = [p for p in checked if not (root / p).is_file()]
     if missing:
         raise DataError(
@@ -733,10 +791,10 @@ def split_from_manifest(
             "the folder changed since the run: restore the file"
         )
     source = f"manifest {path} over {root}"
-    return SplitData(source, tuple(manifest["class_names"]), train, val, root, [], manifest["layout"])  # type: ignore[arg-type]
+    return SplitData(source, tuple(manifest["class_names"]), train, val, root, [], manifest["layout"], dev)  # type: ignore[arg-type]
 
 
-def _embedded_manifest(path: Path, manifest: dict, train: list, val: list, what: str) -> SplitData:
+def _embedded_manifest(path: Path, manifest: dict, train: list, dev: list, val: list, what: str) -> SplitData:
     """A digits manifest: its ids and labels must be the embedded data set's."""
     split = embedded_digits(seed=0)
     if tuple(manifest["class_names"]) != split.class_names:
@@ -744,11 +802,11 @@ def _embedded_manifest(path: Path, manifest: dict, train: list, val: list, what:
             f"{what} {path}: class names {manifest['class_names']} are not the digits' {list(split.class_names)}"
         )
     labels = dict(split.train + split.val)
-    wrong = [(p, label) for p, label in train + val if labels.get(p) != label]
+    wrong = [(p, label) for p, label in train + dev + val if labels.get(p) != label]
     if wrong:
         raise DataError(f"{what} {path}: {wrong[0][0]} with label {wrong[0][1]} is not one of the embedded digits")
     split.source = f"{EMBEDDED_NAME}, split replayed from manifest {path}"
-    split.train, split.val = train, val
+    split.train, split.dev, split.val = train, dev, val
     return split
 
 
@@ -760,9 +818,10 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target
 
 
-def embedded_digits(seed: int) -> SplitData:
+def embedded_digits(seed: int, dev_fraction: float = 0.0) -> SplitData:
     """scikit-learn's 1,797 handwritten digits as an imbalanced two-class task: '8' (about 1 in 10,
-    the positive, minority class) against every other digit; a stratified 75/25 split."""
+    the positive, minority class) against every other digit; a stratified 75/25 split, the dev part carved
+    from the 75."""
     _, target = _digits()
     ids = {
         "8": [f"digits:{i}" for i in np.flatnonzero(target == EMBEDDED_POSITIVE_DIGIT)],
@@ -771,8 +830,8 @@ def embedded_digits(seed: int) -> SplitData:
     counts = {name: len(v) for name, v in ids.items()}
     val_n = {name: round(0.25 * n) for name, n in counts.items()}
     split_sizes = ((counts["8"] - val_n["8"], counts["not-8"] - val_n["not-8"]), (val_n["8"], val_n["not-8"]))
-    train, val = draw_split(ids, ("not-8", "8"), split_sizes, seed)
-    return SplitData(EMBEDDED_NAME, ("not-8", "8"), train, val)
+    train, dev, val = draw_split(ids, ("not-8", "8"), split_sizes, seed, dev_fraction=dev_fraction)
+    return SplitData(EMBEDDED_NAME, ("not-8", "8"), train, val, dev=dev)
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -966,7 +1025,8 @@ class TrainEpochSampler(EpochSampler):
 
 
 class ImbalanceDataModule(L.LightningDataModule):
-    """Train and validation loaders over a prepared `SplitData`.
+    """Train and evaluation loaders over a prepared `SplitData`: the validation loader (dataloader_idx 0,
+    logged as val/*) and, when the split has a dev part, the dev loader (dataloader_idx 1, logged as dev/*).
 
     Sampling is done by `EpochSampler`s built here rather than by Lightning's DistributedSampler: the
     training draw (shuffle, over- or undersampling) is the same on every rank for a (seed, epoch), each rank
@@ -1003,9 +1063,17 @@ class ImbalanceDataModule(L.LightningDataModule):
             self.val_set = ImageDataset(
                 split.val, split.root, cached_transform(image_size, mean, std, False), val_cache
             )
+            self.dev_set = None
+            if split.dev:
+                dev_cache = build_decoded_cache(split.dev, split.root, image_size, train=False)
+                self.dev_set = ImageDataset(
+                    split.dev, split.root, cached_transform(image_size, mean, std, False), dev_cache
+                )
         else:
             self.train_set = ImageDataset(split.train, split.root, make_transform(image_size, mean, std, True, photos))
             self.val_set = ImageDataset(split.val, split.root, make_transform(image_size, mean, std, False, photos))
+            evaluation = make_transform(image_size, mean, std, False, photos)
+            self.dev_set = ImageDataset(split.dev, split.root, evaluation) if split.dev else None
 
     def _replicas(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -1032,11 +1100,16 @@ class ImbalanceDataModule(L.LightningDataModule):
         labels = [label for _, label in self.split.train]
         return self._loader(self.train_set, self._train_sampler(labels, self.sampling, self.seed), train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
         replicas, rank = self._replicas()
-        labels = [label for _, label in self.split.val]
-        sampler = EpochSampler(labels, "sequential", seed=self.seed, num_replicas=replicas, rank=rank)
-        return self._loader(self.val_set, sampler, train=False)
+
+        def loader(items: list[tuple[str, int]], dataset: ImageDataset) -> DataLoader:
+            labels = [label for _, label in items]
+            sampler = EpochSampler(labels, "sequential", seed=self.seed, num_replicas=replicas, rank=rank)
+            return self._loader(dataset, sampler, train=False)
+
+        val = loader(self.split.val, self.val_set)
+        return val if self.dev_set is None else [val, loader(self.split.dev, self.dev_set)]
 
 
 class SearchDataModule(ImbalanceDataModule):

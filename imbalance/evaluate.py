@@ -2,8 +2,9 @@
 
 The run's configuration is stored in the checkpoint, so backbone, input size and normalisation are rebuilt
 from it, and the number of outputs from its weights: nothing else the training run wrote is needed, except
-the run's manifest.json when its validation split is evaluated (replayed exactly, never re-drawn). Only the
-data and the decision threshold are chosen here.
+the run's manifest.json when its validation split is evaluated (replayed exactly, never re-drawn), and for
+the decisions: the dev split listed in that manifest is scored too, and the threshold and post-hoc tau are
+chosen on it (`imbalance.metrics.dev_decisions`), never on the evaluated images.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision
 
 from imbalance.config import RunConfig
 from imbalance.data import (
@@ -33,7 +33,7 @@ from imbalance.data import (
 )
 from imbalance.io import atomic_write_json, atomic_write_text
 from imbalance.losses import positive_probability
-from imbalance.metrics import confusion_metrics
+from imbalance.metrics import dev_decisions, scored_metrics
 from imbalance.model import create_backbone
 
 REQUIRED_HPARAMS = ("config", "class_names", "image_size", "mean", "std")
@@ -126,13 +126,10 @@ def folder_items(data_dir: Path, class_names: tuple[str, str]) -> tuple[Path, li
     return found.root, sorted(items), skipped, source
 
 
-def manifest_items(
-    checkpoint: Path, hparams: dict[str, Any], manifest: Path | None, data_dir: Path | None
-) -> tuple[Path | None, list[tuple[str, int]], list, str]:
-    """The run's validation split, replayed from its manifest (by default `run_dir/manifest.json` next to
-    `run_dir/checkpoints/`), never re-drawn from the folder: a folder that changed since training would
-    move training photos into the evaluated set. The manifest must be the one the checkpoint was trained
-    on (its sha256 is in the checkpoint) and its validation files must still be there and decode."""
+def run_manifest(checkpoint: Path, hparams: dict[str, Any], manifest: Path | None) -> tuple[Path, dict, str]:
+    """(path, checked contents, how errors name it) of the manifest the checkpoint was trained on: `manifest`,
+    or by default `run_dir/manifest.json` next to `run_dir/checkpoints/`. Its sha256 must be the one in the
+    checkpoint."""
     if manifest is None:
         path, what = Path(checkpoint).parent.parent / "manifest.json", "the run's manifest"
         if Path(checkpoint).parent.name != "checkpoints" or not path.is_file():  # not inside a run folder
@@ -155,6 +152,16 @@ def manifest_items(
             f"{what} {path} (sha256 {actual[:12]}) is not the split this checkpoint was trained on "
             f"(sha256 {expected[:12]}); pass that run's manifest.json, or --data-dir DIR to evaluate a folder"
         )
+    return path, content, what
+
+
+def manifest_items(
+    checkpoint: Path, hparams: dict[str, Any], manifest: Path | None, data_dir: Path | None
+) -> tuple[Path | None, list[tuple[str, int]], list, str]:
+    """The run's validation split, replayed from its manifest (`run_manifest`), never re-drawn from the
+    folder: a folder that changed since training would move training photos into the evaluated set. Its
+    validation files must still be there and decode."""
+    path, content, what = run_manifest(checkpoint, hparams, manifest)
     split = split_from_manifest(path, content, data_dir, parts=("val",), what=what)
     if tuple(split.class_names) != tuple(hparams["class_names"]):
         raise DataError(
@@ -192,6 +199,31 @@ def bootstrap_f1(labels: np.ndarray, probs: np.ndarray, threshold: float, rounds
     return {"low": float(low), "high": float(high), "rounds": rounds, "seed": seed}
 
 
+def dev_predictions(
+    backbone: torch.nn.Module,
+    checkpoint: Path,
+    hparams: dict[str, Any],
+    manifest: Path | None,
+    data_dir: Path | None,
+    batch_size: int,
+    num_workers: int,
+) -> tuple[dict[str, np.ndarray] | None, str]:
+    """The model's predictions on its run's dev split ({"label", "prob"}), or None and why there are none
+    (no manifest to find it in, a run without a dev split): then nothing is tuned."""
+    try:
+        path, content, what = run_manifest(checkpoint, hparams, manifest)
+    except DataError as error:
+        return None, f"no dev split to tune on ({error})"
+    if not content.get("dev"):
+        return None, f"no dev split to tune on: {path} lists none (the run had --dev-fraction 0)"
+    split = split_from_manifest(path, content, data_dir, parts=("dev",), what=what)
+    transform = make_transform(
+        hparams["image_size"], hparams["mean"], hparams["std"], train=False, photos=split.root is not None
+    )
+    probs = predict(backbone, ImageDataset(split.dev, split.root, transform), batch_size, num_workers)
+    return {"label": np.array([label for _, label in split.dev]), "prob": probs}, f"the dev split of {path}"
+
+
 def evaluate(
     checkpoint: Path,
     out: Path,
@@ -204,10 +236,15 @@ def evaluate(
     manifest: Path | None = None,
 ) -> dict[str, Any]:
     """Write metrics.json and predictions.csv for `checkpoint` on `data_dir`, or (by default, or with
-    `manifest`) on its run's validation split; `manifest` with `data_dir` replays it under that folder."""
+    `manifest`) on its run's validation split; `manifest` with `data_dir` replays it under that folder.
+
+    `results` holds the metrics at 0.5, at the threshold tuned on the run's dev split (F1 with the dev samples
+    weighted to the evaluated set's class prior), after post-hoc logit adjustment with the dev-tuned tau (or
+    the run's fixed --posthoc-la), and at `threshold` when given; each says what chose it."""
     backbone, hparams = load_checkpoint(checkpoint)
     class_names = tuple(hparams["class_names"])
-    if data_dir is not None and manifest is None:
+    evaluates_folder = data_dir is not None and manifest is None
+    if evaluates_folder:
         root, items, skipped, source = folder_items(Path(data_dir), class_names)
     else:
         root, items, skipped, source = manifest_items(Path(checkpoint), hparams, manifest, data_dir)
@@ -219,31 +256,52 @@ def evaluate(
     dataset = ImageDataset(items, root, transform)
     probs = predict(backbone, dataset, batch_size, num_workers)
     labels = np.array([label for _, label in items])
-
-    probs_t, labels_t = torch.from_numpy(probs), torch.from_numpy(labels)
-    both_classes = 0 < labels.sum() < len(labels)
+    # the dev split lives where the run's manifest says (a --data-dir given to evaluate a folder is not it)
+    dev, dev_source = dev_predictions(
+        backbone, Path(checkpoint), hparams, manifest, None if evaluates_folder else data_dir, batch_size, num_workers
+    )
+    cfg = hparams["config"]
+    rules = dev_decisions({"label": labels}, dev, list(hparams["class_counts"]), cfg.get("posthoc_la"))
+    chosen = [
+        ("threshold_0.5", "threshold 0.5", "nothing: the default threshold 0.5", 0.5, {}),
+        *(
+            (name, f"{label} ({dev_source})", rules[name]["chosen_by"], rules[name]["threshold"], rules[name])
+            for name, label in (
+                ("dev_tuned_threshold", "dev-tuned threshold"),
+                ("posthoc_la", "post-hoc logit adjustment"),
+            )
+            if name in rules
+        ),
+    ]
+    if threshold is not None:
+        chosen.append(("given_threshold", f"threshold {threshold:g}", "--threshold, given by the user", threshold, {}))
+    results: dict[str, Any] = {}
+    for name, label, rule, t, extra in chosen:
+        results[name] = {
+            "label": label,
+            "chosen_by": rule,
+            **{k: v for k, v in extra.items() if k not in ("threshold", "chosen_by")},
+            **scored_metrics(labels, probs, t),
+        }
+        if bootstrap:
+            results[name]["f1_ci95"] = bootstrap_f1(labels, probs.astype(np.float64), t, bootstrap, seed)
     metrics: dict[str, Any] = {
         "checkpoint": str(checkpoint),
         "data": source,
         "class_names": {"negative": class_names[0], "positive": class_names[1]},
         "images": len(items),
         "skipped_files": len(skipped),
-        "at_threshold_0.5": confusion_metrics(labels, probs, 0.5),
-        "average_precision": float(binary_average_precision(probs_t, labels_t)) if both_classes else None,
-        "auroc": float(binary_auroc(probs_t, labels_t)) if both_classes else None,
+        "dev": dev_source if dev is not None else None,
+        "results": results,
     }
-    if bootstrap:
-        metrics["at_threshold_0.5"]["f1_ci95"] = bootstrap_f1(labels, probs, 0.5, bootstrap, seed)
-    if threshold is not None:
-        metrics["at_threshold"] = confusion_metrics(labels, probs, threshold)
-        if bootstrap:
-            metrics["at_threshold"]["f1_ci95"] = bootstrap_f1(labels, probs, threshold, bootstrap, seed)
+    if dev is None:
+        metrics["note"] = dev_source
     decision = 0.5 if threshold is None else threshold
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["path", "label", "prob_positive", "prediction"])
     for (path, label), prob in zip(items, probs, strict=True):
-        writer.writerow([path, label, f"{prob:.6f}", int(prob > decision)])
+        writer.writerow([path, label, f"{float(prob):.9g}", int(float(prob) > decision)])
     out = Path(out)
     atomic_write_text(out / "predictions.csv", buffer.getvalue())
     atomic_write_json(out / "metrics.json", metrics)

@@ -8,6 +8,8 @@ The threshold metrics share one set of confusion counts (torchmetrics' compute g
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -141,8 +143,12 @@ def confusion_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -
     }
 
 
-def best_f1_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
+def best_f1_threshold(labels: np.ndarray, probs: np.ndarray, class_weights: tuple[float, float] | None = None) -> float:
     """The threshold t maximising F1 of the predictions `probs > t`, the rule of `confusion_metrics`.
+
+    `class_weights` (negative, positive) weight every sample of a class, so F1 is computed from weighted
+    counts, 2 w1 TP / (2 w1 TP + w0 FP + w1 FN): with `prior_weights` this is F1 on a set with another class
+    prior (the set the threshold will be applied to), estimated from these samples.
 
     Every prediction set a threshold can make is tried (the top k probabilities positive, for each k where
     the sorted distinct probabilities change); ties in F1 are broken toward 0.5. The returned t makes exactly
@@ -177,11 +183,13 @@ def best_f1_threshold(labels: np.ndarray, probs: np.ndarray) -> float:
     order = np.argsort(probs, kind="stable")
     positives_below = np.concatenate([[0], np.cumsum(labels[order])])  # positives among the k lowest
     positives = int(labels.sum())
+    w_neg, w_pos = (1.0, 1.0) if class_weights is None else (float(class_weights[0]), float(class_weights[1]))
     best_t, best_f1 = 0.5, -1.0
     for t, n_negative in candidates:
         tp = positives - int(positives_below[n_negative])
         fp = len(probs) - n_negative - tp
         fn = positives - tp
+        tp, fp, fn = w_pos * tp, w_neg * fp, w_pos * fn
         f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
         if f1 > best_f1 + 1e-12 or (abs(f1 - best_f1) <= 1e-12 and abs(t - 0.5) < abs(best_t - 0.5)):
             best_t, best_f1 = float(t), f1
@@ -195,3 +203,97 @@ def _strictly_between(low: float, high: float, dtype: np.dtype) -> float:
     if low < mid < high and dtype.type(low) < dtype.type(mid) < dtype.type(high):
         return float(mid)
     return float(low)
+
+
+def prior_weights(counts: Sequence[int], target_counts: Sequence[int]) -> tuple[float, float]:
+    """Per-class weights (negative, positive) that give samples drawn with class `counts` the class prior of
+    `target_counts`: w_c = pi_target_c / pi_c. Used to tune a threshold on the dev split (the training prior,
+    e.g. 1:22) for the validation set it is applied to (the lecture's is balanced)."""
+    counts, target = np.asarray(counts, dtype=np.float64), np.asarray(target_counts, dtype=np.float64)
+    if (counts <= 0).any() or (target <= 0).any():
+        return (1.0, 1.0)  # a class missing on either side: no prior to correct to
+    w = (target / target.sum()) / (counts / counts.sum())
+    return float(w[0]), float(w[1])
+
+
+POSTHOC_TAUS = tuple(round(0.1 * i, 1) for i in range(31))  # 0, 0.1, ..., 3: the dev split picks one
+
+
+def posthoc_threshold(tau: float, train_counts: Sequence[int]) -> float:
+    """Post-hoc logit adjustment (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021) of a
+    two-class model as a threshold on P(positive): predicting the positive class when the adjusted logit
+    z - tau log(pi_1 / pi_0) is above 0 is predicting it when P(positive) > sigmoid(tau log(pi_1 / pi_0)),
+    with pi the training class prior."""
+    n_neg, n_pos = (float(c) for c in train_counts)
+    return float(1 / (1 + np.exp(-tau * (np.log(n_pos) - np.log(n_neg)))))
+
+
+def best_posthoc_tau(
+    labels: np.ndarray, probs: np.ndarray, train_counts: Sequence[int], taus: Sequence[float] = POSTHOC_TAUS
+) -> float:
+    """The tau of `taus` whose post-hoc adjustment (`posthoc_threshold`) gives the highest balanced accuracy on
+    (labels, probs), the dev split's: balanced error is what logit adjustment targets, and it does not depend
+    on the class prior, so no reweighting is needed. Ties go to the tau nearest 1 (the paper's default)."""
+    best_tau, best_score = 1.0, -1.0
+    for tau in sorted(taus, key=lambda t: (abs(t - 1), t)):
+        score = confusion_metrics(labels, probs, posthoc_threshold(tau, train_counts))["balanced_accuracy"]
+        if score > best_score + 1e-12:
+            best_tau, best_score = float(tau), score
+    return best_tau
+
+
+def ranking_metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Average precision and AUROC of P(positive) (scikit-learn's definitions, as torchmetrics'); NaN when a
+    class is missing or a probability is not finite."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    labels, probs = np.asarray(labels).astype(int), np.asarray(probs, dtype=np.float64)
+    if not (0 < labels.sum() < len(labels)) or not np.isfinite(probs).all():
+        return {"average_precision": float("nan"), "auroc": float("nan")}
+    return {
+        "average_precision": float(average_precision_score(labels, probs)),
+        "auroc": float(roc_auc_score(labels, probs)),
+    }
+
+
+def dev_decisions(
+    val: dict[str, np.ndarray],
+    dev: dict[str, np.ndarray] | None,
+    train_counts: list[int],
+    fixed_tau: float | None = None,
+) -> dict[str, dict[str, Any]]:
+    """The decision rules of one model, read from its dev predictions only (`dev`: {"label", "prob"}, None
+    without a dev split), as {"dev_tuned_threshold" | "posthoc_la": {"threshold", "chosen_by", ...}}: the
+    threshold tuned for F1 with the dev samples weighted to the reported set's class prior, and the post-hoc
+    logit-adjustment tau (tuned on dev, or `fixed_tau`). Of `val`, the set the rules will be applied to, only
+    the class counts are read (the prior the threshold is corrected to), never a prediction."""
+    out: dict[str, dict[str, Any]] = {}
+    if dev is not None and len(dev["label"]):
+        dev_counts = [int((dev["label"] == 0).sum()), int((dev["label"] == 1).sum())]
+        val_counts = [int((val["label"] == 0).sum()), int((val["label"] == 1).sum())]
+        weights = prior_weights(dev_counts, val_counts)
+        t = best_f1_threshold(dev["label"], dev["prob"], weights)
+        out["dev_tuned_threshold"] = {
+            "threshold": t,
+            "chosen_by": (
+                "the threshold maximising F1 on the dev split, its samples weighted to the validation set's class "
+                f"prior (weights negative {weights[0]:.4g}, positive {weights[1]:.4g})"
+            ),
+            "dev_prior_threshold": best_f1_threshold(dev["label"], dev["prob"]),  # uncorrected, for comparison
+        }
+    if fixed_tau is not None:
+        tau, rule = fixed_tau, f"tau fixed by --posthoc-la {fixed_tau:g} (not tuned)"
+    elif dev is not None and len(dev["label"]):
+        tau = best_posthoc_tau(dev["label"], dev["prob"], train_counts)
+        rule = f"tau maximising dev balanced accuracy over {POSTHOC_TAUS[0]:g}, {POSTHOC_TAUS[1]:g}, ..., {POSTHOC_TAUS[-1]:g}"
+    else:
+        return out
+    out["posthoc_la"] = {"threshold": posthoc_threshold(tau, train_counts), "tau": tau, "chosen_by": rule}
+    return out
+
+
+def scored_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, float]:
+    """Threshold and ranking metrics of reported predictions, compared in float64 (as the case study reads
+    them back from predictions.csv, where the float32 probabilities are written exactly)."""
+    probs = np.asarray(probs, dtype=np.float64)
+    return {**confusion_metrics(labels, probs, threshold), **ranking_metrics(labels, probs)}

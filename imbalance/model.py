@@ -176,12 +176,16 @@ class ImbalanceClassifier(L.LightningModule):
         self.class_names = tuple(class_names)
         metrics = make_metrics()
         self.train_metrics = metrics.clone(prefix="train/")
-        self.val_metrics = metrics.clone(prefix="val/")
+        # one collection per evaluation set: val (reported) and dev (decisions), a ModuleDict so they move with
+        # the module to its device
+        self.eval_metrics = nn.ModuleDict({stage: metrics.clone(prefix=f"{stage}/") for stage in self.EVAL_STAGES})
         self.frozen_backbone = bool(config.get("freeze_backbone"))
         if self.frozen_backbone:
             freeze_all_but_head(self.backbone)
-        self._val_outputs: list[tuple[Tensor, Tensor, Tensor]] = []
-        self.val_predictions: dict[str, Tensor] | None = None  # (index, label, prob) of the last val epoch
+        self._eval_outputs: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {s: [] for s in self.EVAL_STAGES}
+        # (index, label, prob) of the last evaluated epoch, per evaluation set
+        self.val_predictions: dict[str, Tensor] | None = None
+        self.dev_predictions: dict[str, Tensor] | None = None
         # the first non-finite training loss of the epoch, noted on the device (no host sync per step)
         self._batches: Tensor | None = None
         self._first_bad_batch: Tensor | None = None
@@ -278,22 +282,35 @@ class ImbalanceClassifier(L.LightningModule):
         self.log_dict(flatten_metrics(self.train_metrics.compute(), self.class_names))
         self.train_metrics.reset()
 
-    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+    # the evaluation loaders of ImbalanceDataModule.val_dataloader, by dataloader_idx
+    EVAL_STAGES = ("val", "dev")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        stage = self.EVAL_STAGES[dataloader_idx]
         images, labels, indices = batch
         logits = self(images)
         loss = self.loss_fn(logits, labels)
         probs = positive_probability(logits)
-        self.val_metrics.update(probs, labels)
-        self._val_outputs.append((indices, labels, probs))
+        self.eval_metrics[stage].update(probs, labels)
+        self._eval_outputs[stage].append((indices, labels, probs))
         # the batch-size-weighted mean over the epoch, synchronised once at the epoch's end
-        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(labels))
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(labels), add_dataloader_idx=False)
 
     def on_validation_epoch_end(self) -> None:
-        values = flatten_metrics(self.val_metrics.compute(), self.class_names)
-        self.val_metrics.reset()
-        self.val_predictions = self._gather_val_outputs()
-        self._val_outputs.clear()
-        nonfinite = int((~torch.isfinite(self.val_predictions["prob"])).sum())
+        # one pass per evaluation set the loaders served this epoch (dev only when the split has one); every
+        # rank runs the same stages, so the gathers below pair up under DDP
+        served = len(self.trainer.val_dataloaders) if isinstance(self.trainer.val_dataloaders, list) else 1
+        for stage in self.EVAL_STAGES[:served]:
+            self._end_eval_stage(stage)
+
+    def _end_eval_stage(self, stage: str) -> None:
+        metrics = self.eval_metrics[stage]
+        values = flatten_metrics(metrics.compute(), self.class_names)
+        metrics.reset()
+        predictions = self._gather_outputs(self._eval_outputs[stage])
+        self._eval_outputs[stage].clear()
+        setattr(self, f"{stage}_predictions", predictions)
+        nonfinite = int((~torch.isfinite(predictions["prob"])).sum())
         if nonfinite:
             # a NaN probability is neither above nor below a threshold, and the ranking metrics order NaNs
             # somewhere (AUROC and AP of 1.0 for all-NaN outputs): none of these numbers describes a model
@@ -302,14 +319,14 @@ class ImbalanceClassifier(L.LightningModule):
                 from lightning.pytorch.utilities import rank_zero_warn
 
                 rank_zero_warn(
-                    f"epoch {self.current_epoch}: {nonfinite} of {len(self.val_predictions['prob'])} validation "
-                    "probabilities are NaN or infinite; this epoch's validation metrics are NaN"
+                    f"epoch {self.current_epoch}: {nonfinite} of {len(predictions['prob'])} {stage} "
+                    f"probabilities are NaN or infinite; this epoch's {stage} metrics are NaN"
                 )
         self.log_dict(values)  # already reduced over the epoch and all ranks by torchmetrics
 
-    def _gather_val_outputs(self) -> dict[str, Tensor]:
-        if self._val_outputs:
-            indices, labels, probs = (torch.cat(parts) for parts in zip(*self._val_outputs, strict=True))
+    def _gather_outputs(self, outputs: list[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Tensor]:
+        if outputs:
+            indices, labels, probs = (torch.cat(parts) for parts in zip(*outputs, strict=True))
         else:
             indices = labels = torch.zeros(0, dtype=torch.long, device=self.device)
             probs = torch.zeros(0, device=self.device)

@@ -85,12 +85,14 @@ def pr_curve_png(
 
 
 def curves_png(history: list[dict[str, float]], path: Path) -> Path:
-    """F1, precision and recall of the positive class per epoch, train (dashed) and val (solid)."""
+    """F1, precision and recall of the positive class per epoch: val (solid), dev (dotted), train (dashed)."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     epochs = [row["epoch"] for row in history]
     for metric, color in (("f1", "C0"), ("precision", "C1"), ("recall", "C2")):
-        for stage, style in (("val", "-"), ("train", "--")):
+        for stage, style in (("val", "-"), ("dev", ":"), ("train", "--")):
             values = [row.get(f"{stage}/{metric}", np.nan) for row in history]
+            if all(v != v for v in values):  # no dev split
+                continue
             ax.plot(epochs, values, style, color=color, marker="o", ms=3, label=f"{stage} {metric}")
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from imbalance.config import RunConfig
 from imbalance.data import SplitData
 from imbalance.io import atomic_write_json, atomic_write_text
-from imbalance.metrics import best_f1_threshold, confusion_metrics
+from imbalance.metrics import dev_decisions, scored_metrics
 from imbalance.model import ImbalanceClassifier
 
 
@@ -47,20 +47,26 @@ def _selection_key(epoch: int, metrics: dict[str, float]) -> tuple[float, float,
         number = metrics.get(key, float("nan"))
         return number if number == number else float("-inf")
 
-    return value("val/f1"), value("val/auroc"), epoch
+    return value("dev/auroc"), value("dev/balanced_accuracy"), epoch
+
+
+# The four result sets a run reports, in this order: every one is measured on the validation set, and each
+# says what chose it; nothing is chosen on the validation set itself.
+RESULT_SETS = ("last_epoch", "dev_selected_checkpoint", "dev_tuned_threshold", "posthoc_la")
 
 
 class RunRecorder(Checkpoint):
     """Writes metrics.csv, summary.json and predictions.csv of the run directory (rank 0 only), and saves
-    `checkpoints/best.ckpt` at the epoch chosen by `BEST_EPOCH_RULE` and `checkpoints/last.ckpt` at the end
-    of every training epoch.
+    `checkpoints/best.ckpt` at the epoch chosen on the dev split by `BEST_EPOCH_RULE` (not with
+    --dev-fraction 0: then no epoch is chosen) and `checkpoints/last.ckpt` at the end of every training epoch.
 
     It is a `Checkpoint` so that Lightning calls its `on_train_epoch_end` *after* the module's (as for every
     monitoring callback): the module logs its train epoch metrics there, so an epoch's row (val and train
     columns) is complete before `last.ckpt` is written, and a resumed run keeps every column of that epoch.
     """
 
-    BEST_EPOCH_RULE = "highest val F1; ties broken by the higher val AUROC, then by the later epoch"
+    # an all-positive (or all-negative) model has dev AUROC 0.5 and balanced accuracy 0.5: it cannot win
+    BEST_EPOCH_RULE = "highest dev AUROC; ties broken by the higher dev balanced accuracy, then by the later epoch"
 
     def __init__(self, run_dir: Path, cfg: RunConfig, split: SplitData, extra: dict[str, Any]) -> None:
         self.run_dir = run_dir
@@ -70,8 +76,9 @@ class RunRecorder(Checkpoint):
         self.history: list[dict[str, float]] = []
         self.pending: dict[str, float] | None = None
         self.best: dict[str, Any] | None = None
-        self.best_predictions: dict[str, np.ndarray] | None = None
-        self.last_predictions: dict[str, np.ndarray] | None = None  # of the last validated epoch
+        # {"val": {index, label, prob}, "dev": ...} of the dev-selected epoch and of the last validated epoch
+        self.best_predictions: dict[str, dict[str, np.ndarray]] | None = None
+        self.last_predictions: dict[str, dict[str, np.ndarray]] | None = None
         self.last_epoch: int | None = None
         self.last_saved_epoch: int | None = None  # the epoch last.ckpt holds: what --resume continues from
         self.best_model_path = self.last_model_path = ""  # as Lightning's own checkpoint callbacks expose them
@@ -80,8 +87,10 @@ class RunRecorder(Checkpoint):
 
     # state travels in the checkpoint, so --resume continues the same history and best epoch
     def state_dict(self) -> dict[str, Any]:
-        def listed(predictions: dict[str, np.ndarray] | None) -> dict[str, list] | None:
-            return None if predictions is None else {k: v.tolist() for k, v in predictions.items()}
+        def listed(predictions: dict[str, dict[str, np.ndarray]] | None) -> dict | None:
+            if predictions is None:
+                return None
+            return {stage: {k: v.tolist() for k, v in p.items()} for stage, p in predictions.items()}
 
         return {
             "history": self.history,
@@ -94,8 +103,10 @@ class RunRecorder(Checkpoint):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        def arrays(predictions: dict[str, list] | None) -> dict[str, np.ndarray] | None:
-            return None if predictions is None else {k: np.asarray(v) for k, v in predictions.items()}
+        def arrays(predictions: dict | None) -> dict[str, dict[str, np.ndarray]] | None:
+            if predictions is None:
+                return None
+            return {stage: {k: np.asarray(v) for k, v in p.items()} for stage, p in predictions.items()}
 
         self.history, self.pending, self.best = state["history"], state["pending"], state["best"]
         self.best_predictions = arrays(state.get("best_predictions"))
@@ -121,12 +132,18 @@ class RunRecorder(Checkpoint):
         if trainer.sanity_checking:
             return
         epoch = trainer.current_epoch
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "dev/"))}
         self.pending = {"epoch": epoch, **metrics}
-        predictions = pl_module.val_predictions
-        if predictions is not None:
-            self.last_predictions = {k: v.numpy() for k, v in predictions.items()}
+        predictions = {
+            stage: {k: v.numpy() for k, v in found.items()}
+            for stage in ("val", "dev")
+            if (found := getattr(pl_module, f"{stage}_predictions", None)) is not None
+        }
+        if predictions:
+            self.last_predictions = predictions
         self.last_epoch = epoch
+        if not self.split.dev:  # --dev-fraction 0: no data to choose an epoch on, so none is chosen
+            return
         if self.best is None or _selection_key(epoch, metrics) > _selection_key(
             self.best["epoch"], self.best["metrics"]
         ):
@@ -173,15 +190,65 @@ class RunRecorder(Checkpoint):
         writer.writerows(self.history)
         atomic_write_text(self.run_dir / "metrics.csv", buffer.getvalue())
 
+    def results(self) -> dict[str, dict[str, Any]]:
+        """The labelled result sets (`RESULT_SETS`), each measured on the validation set and chosen on dev."""
+        if self.last_predictions is None or "val" not in self.last_predictions:
+            return {}
+        last = self.last_predictions
+        val = last["val"]
+        out: dict[str, dict[str, Any]] = {
+            "last_epoch": {
+                "label": "last epoch, threshold 0.5",
+                "chosen_by": "nothing: the last epoch's model at the default threshold 0.5",
+                "epoch": self.last_epoch,
+                "predictions": "prob_last",
+                **scored_metrics(val["label"], val["prob"], 0.5),
+            }
+        }
+        if self.best is not None and self.best_predictions is not None:
+            best_val = self.best_predictions["val"]
+            out["dev_selected_checkpoint"] = {
+                "label": "dev-selected epoch (best.ckpt), threshold 0.5",
+                "chosen_by": f"the epoch of the {self.BEST_EPOCH_RULE}",
+                "epoch": self.best["epoch"],
+                "predictions": "prob_dev_selected",
+                **scored_metrics(best_val["label"], best_val["prob"], 0.5),
+            }
+        rules = dev_decisions(val, last.get("dev"), self.split.train_counts, self.cfg.posthoc_la)
+        labels = {
+            "dev_tuned_threshold": "last epoch, dev-tuned threshold",
+            "posthoc_la": "last epoch, post-hoc logit adjustment",
+        }
+        for name in ("dev_tuned_threshold", "posthoc_la"):
+            if name in rules:
+                rule = rules[name]
+                out[name] = {
+                    "label": labels[name] + (f" (tau {rule['tau']:g})" if "tau" in rule else ""),
+                    **{k: v for k, v in rule.items() if k != "threshold"},
+                    "epoch": self.last_epoch,
+                    "predictions": "prob_last",
+                    **scored_metrics(val["label"], val["prob"], rule["threshold"]),
+                }
+        return out
+
     def write_summary(self, trainer: L.Trainer) -> dict[str, Any]:
+        results = self.results()
         summary: dict[str, Any] = {
             "run_dir": str(self.run_dir),
             "data": self.split.source,
             "class_names": {"negative": self.split.class_names[0], "positive": self.split.class_names[1]},
             "train_counts": dict(zip(self.split.class_names, self.split.train_counts, strict=True)),
+            "dev_counts": dict(zip(self.split.class_names, self.split.dev_counts, strict=True)),
             "val_counts": dict(zip(self.split.class_names, self.split.val_counts, strict=True)),
+            "protocol": (
+                "every decision (best.ckpt's epoch, the threshold, the post-hoc tau) is made on the dev split, "
+                "carved from the training data; the validation set is only reported"
+                if self.split.dev
+                else "--dev-fraction 0: no dev split, so nothing is chosen (no best epoch, no tuned threshold)"
+            ),
             "skipped_files": len(self.split.skipped),
             "epochs_completed": len(self.history),
+            "results": results,
             "best": self.best,
             "last": {"epoch": self.history[-1]["epoch"], "metrics": self.history[-1]} if self.history else None,
             "config": self.cfg.to_dict(),
@@ -189,47 +256,58 @@ class RunRecorder(Checkpoint):
             "versions": versions(),
             **self.extra,
         }
-        if self.best is not None:
-            m = self.best["metrics"]
+        if "last_epoch" in results:
+            r = results["last_epoch"]
             summary["confusion_matrix"] = {
+                "of": r["label"],
                 "rows": "true class",
                 "columns": "predicted class",
                 "labels": list(self.split.class_names),
-                "matrix": [[m.get("val/tn"), m.get("val/fp")], [m.get("val/fn"), m.get("val/tp")]],
+                "matrix": [[r["tn"], r["fp"]], [r["fn"], r["tp"]]],
             }
-        if self.last_predictions is not None:
-            summary.update(self._thresholds())
-        if self.best_predictions is not None:
+        if self.last_predictions is not None and "val" in self.last_predictions:
             self._write_predictions()
-        finite = self.best_predictions is None or bool(np.isfinite(self.best_predictions["prob"]).all())
-        if not finite:
-            summary["pictures"] = []  # NaN probabilities have no PR curve (then every epoch's were NaN)
+        probs = (
+            self.last_predictions["val"]["prob"] if self.last_predictions and "val" in self.last_predictions else None
+        )
+        finite = probs is not None and bool(np.isfinite(probs).all())
+        summary["pictures"] = []  # NaN probabilities have no PR curve
         atomic_write_json(self.run_dir / "summary.json", summary)
-        if self.best_predictions is not None and finite:  # pictures last: a plotting problem never costs the numbers
-            summary["pictures"] = self._pictures(trainer, summary)
+        if finite:  # pictures last: a plotting problem never costs the numbers
+            summary["pictures"] = self._pictures(trainer, results)
             atomic_write_json(self.run_dir / "summary.json", summary)
+        if type(trainer.logger).__name__ == "WandbLogger":  # the result sets as the W&B run's summary
+            trainer.logger.experiment.summary.update(
+                {
+                    f"result/{name}/{key}": value
+                    for name, r in results.items()
+                    for key, value in r.items()
+                    if isinstance(value, (int, float)) and not isinstance(value, bool)
+                }
+            )
         return summary
 
-    def _pictures(self, trainer: L.Trainer, summary: dict[str, Any]) -> list[str]:
-        """PNGs in the run directory, and the same (plus interactive plots) in W&B when it is the logger."""
+    def _pictures(self, trainer: L.Trainer, results: dict[str, dict[str, Any]]) -> list[str]:
+        """PNGs of the last epoch's model on validation (the reported model), and the same (plus interactive
+        plots) in W&B when it is the logger."""
         from imbalance import plots
         from imbalance.data import ImageDataset
 
-        labels, probs = self.best_predictions["label"], self.best_predictions["prob"]
+        val = self.last_predictions["val"]
+        labels, probs = val["label"], val["prob"]
         names = self.split.class_names
-        m = self.best["metrics"]
-        title = f"Validation, epoch {self.best['epoch']} (best val F1 {m.get('val/f1', float('nan')):.3f})"
+        r = results["last_epoch"]
+        title = f"Validation, last epoch {self.last_epoch} at threshold 0.5 (F1 {r['f1']:.3f})"
         thresholds = {"0.5": 0.5}
-        if "tuned_threshold" in summary and summary["tuned_threshold"]["epoch"] == self.best["epoch"]:
-            thresholds["tuned (optimistic)"] = summary["tuned_threshold"]["threshold"]
+        if "dev_tuned_threshold" in results:
+            thresholds["dev-tuned"] = results["dev_tuned_threshold"]["threshold"]
+        if "posthoc_la" in results:
+            thresholds[f"post-hoc LA (tau {results['posthoc_la']['tau']:g})"] = results["posthoc_la"]["threshold"]
         dataset = ImageDataset(self.split.val, self.split.root, transform=None)
         mistakes = plots.confident_mistakes(labels, probs)
         files = [
             plots.confusion_matrix_png(
-                *(int(m.get(f"val/{k}", 0)) for k in ("tn", "fp", "fn", "tp")),
-                names,
-                self.run_dir / "confusion_matrix.png",
-                title,
+                *(int(r[k]) for k in ("tn", "fp", "fn", "tp")), names, self.run_dir / "confusion_matrix.png", title
             ),
             plots.pr_curve_png(labels, probs, self.run_dir / "pr_curve.png", thresholds, names[1]),
             plots.curves_png(self.history, self.run_dir / "curves.png"),
@@ -265,36 +343,17 @@ class RunRecorder(Checkpoint):
             }
         )
 
-    def _thresholds(self) -> dict[str, Any]:
-        """Metrics at 0.5, at the tuned threshold and after post-hoc logit adjustment, all computed from the
-        *last* epoch's validation predictions: the model the table reports, with no selection of epochs."""
-        labels, probs = self.last_predictions["label"], self.last_predictions["prob"]
-        source = {"epoch": self.last_epoch, "predictions": "the last epoch's validation predictions"}
-        out: dict[str, Any] = {"at_threshold_0.5": {**source, **confusion_metrics(labels, probs, 0.5)}}
-        if self.cfg.tune_threshold:
-            t = best_f1_threshold(labels, probs)
-            out["tuned_threshold"] = {
-                "note": "threshold chosen to maximise F1 on this same validation set: optimistic",
-                **source,
-                **confusion_metrics(labels, probs, t),
-            }
-        if self.cfg.posthoc_la is not None:
-            counts = np.asarray(self.split.train_counts, dtype=np.float64)
-            shift = self.cfg.posthoc_la * (np.log(counts[1]) - np.log(counts[0]))
-            p = np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12)
-            adjusted = 1 / (1 + np.exp(-(np.log(p) - np.log1p(-p) - shift)))
-            out["posthoc_logit_adjusted"] = {
-                "tau": self.cfg.posthoc_la,
-                **source,
-                **confusion_metrics(labels, adjusted, 0.5),
-            }
-        return out
-
     def _write_predictions(self) -> None:
+        """predictions.csv: per validation photo, P(positive) of the last epoch and of the dev-selected one
+        (sorted by path, the order of the split; the case study bootstraps over these rows)."""
+        last = self.last_predictions["val"]
+        columns = {"prob_last": last["prob"]}
+        if self.best_predictions is not None:
+            columns["prob_dev_selected"] = self.best_predictions["val"]["prob"]
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["path", "label", "prob_positive", "prediction"])
+        writer.writerow(["path", "label", *columns])
         items = self.split.val
-        for index, label, prob in zip(*(self.best_predictions[k] for k in ("index", "label", "prob")), strict=True):
-            writer.writerow([items[int(index)][0], int(label), f"{float(prob):.6f}", int(prob > 0.5)])
+        for row, (index, label) in enumerate(zip(last["index"], last["label"], strict=True)):
+            writer.writerow([items[int(index)][0], int(label), *(f"{float(c[row]):.9g}" for c in columns.values())])
         atomic_write_text(self.run_dir / "predictions.csv", buffer.getvalue())

@@ -2,12 +2,12 @@
 
     runs/<run-name>/
         config.json       the resolved configuration
-        manifest.json     the exact train/val file lists (replay with --manifest)
+        manifest.json     the exact train/dev/val file lists (replay with --manifest)
         skipped.csv       files the integrity scan rejected, with the reason
-        metrics.csv       one row per epoch: train/* and val/* metrics
-        summary.json      best and last val metrics, confusion matrix, thresholds, wall time, versions
-        predictions.csv   the best epoch's validation predictions (id, label, probability, prediction)
-        checkpoints/      best.ckpt (RunRecorder.BEST_EPOCH_RULE) and last.ckpt (end of each epoch)
+        metrics.csv       one row per epoch: train/*, dev/* and val/* metrics
+        summary.json      the result sets on validation, each chosen on the dev split (imbalance.recorder)
+        predictions.csv   P(positive) of every validation photo: last epoch and dev-selected epoch
+        checkpoints/      best.ckpt (the dev-selected epoch, RunRecorder.BEST_EPOCH_RULE), last.ckpt (each epoch)
         .lock             while the run lives: its pid and host (imbalance.io.RunLock)
 
 Only global rank 0 writes files (and holds the lock); under DDP the other ranks train and compute metrics
@@ -119,7 +119,10 @@ def resumed_config(cfg: RunConfig, given: Iterable[str] | None = None) -> RunCon
     _, run_dir = resolve_run(cfg)
     stored_file = run_dir / "config.json"
     try:
-        stored = RunConfig.from_dict(json.loads(stored_file.read_text()))
+        values = json.loads(stored_file.read_text())
+        if isinstance(values, dict) and "dev_fraction" not in values:
+            values["dev_fraction"] = 0.0  # a run from before the dev split trained on the whole training split
+        stored = RunConfig.from_dict(values)
     except (OSError, json.JSONDecodeError, ConfigError, TypeError) as error:
         raise ConfigError(f"--resume: cannot read the run's configuration {stored_file} ({error})") from error
     defaults, asked, kept = RunConfig().to_dict(), comparable(cfg.to_dict()), comparable(stored.to_dict())
@@ -212,7 +215,8 @@ def prepare(cfg: RunConfig, split: SplitData | None = None):
     split = load_split(cfg) if split is None else split
     say(
         f"data: {split.source}; train {split.train_counts[1]} {split.class_names[1]} / {split.train_counts[0]} "
-        f"{split.class_names[0]}, val {split.val_counts[1]} / {split.val_counts[0]}"
+        f"{split.class_names[0]}, dev {split.dev_counts[1]} / {split.dev_counts[0]}, "
+        f"val {split.val_counts[1]} / {split.val_counts[0]}"
         + (f"; {len(split.skipped)} unusable files skipped" if split.skipped else "")
     )
     try:
@@ -630,12 +634,12 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
     if type(trainer.logger).__name__ == "WandbLogger":
         trainer.logger.experiment.finish()  # flush and close now: the next run in this process gets its own
     summary = json.loads((run_dir / "summary.json").read_text())
-    best = summary.get("best") or {}
-    metrics = best.get("metrics", {})
-    say(
-        f"best val F1 {metrics.get('val/f1', float('nan')):.4f} (precision {metrics.get('val/precision', float('nan')):.4f}, "
-        f"recall {metrics.get('val/recall', float('nan')):.4f}) at epoch {best.get('epoch')}; summary: {run_dir / 'summary.json'}"
-    )
+    for result in summary.get("results", {}).values():
+        say(
+            f"val F1 {result['f1']:.4f} (precision {result['precision']:.4f}, recall {result['recall']:.4f}, "
+            f"balanced accuracy {result['balanced_accuracy']:.4f}): {result['label']}"
+        )
+    say(f"summary: {run_dir / 'summary.json'}")
     return summary
 
 

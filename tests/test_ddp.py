@@ -18,6 +18,8 @@ import torch
 from conftest import make_class_tree
 
 from experiments import run as run_cli
+from imbalance.config import RunConfig
+from imbalance.data import load_split
 from imbalance.losses import LOSSES
 
 pytestmark = pytest.mark.slow
@@ -214,7 +216,20 @@ def test_every_loss_finishes_under_ddp_with_uneven_validation_shards(tmp_path):
         if any(p.poll() is None for p in processes):
             os.killpg(processes[0].pid, signal.SIGKILL)
     assert [p.returncode for p in processes] == [0, 0], output
+    split = load_split(RunConfig(data_dir=tree, train_counts=(8, 12), val_counts=(3, 2)))  # one process's draw
+    single = {
+        "dev_counts": dict(zip(split.class_names, split.dev_counts, strict=True)),
+        "train_counts": dict(zip(split.class_names, split.train_counts, strict=True)),
+    }
+    assert single["dev_counts"] == {"Dog": 2, "Cat": 1}
     for loss in LOSSES:
         assert f"finished {loss}" in logs[0].read_text(), output
         summary = json.loads((tmp_path / "runs" / loss / "summary.json").read_text())
         assert summary["epochs_completed"] == 2 and summary["val_counts"] == {"Dog": 2, "Cat": 3}, loss
+        # the dev split (ceil 10% of 8 cats and 12 dogs: 3 photos, shards of 2 and 1) is the one a single
+        # process draws, and every dev and val photo is counted once per epoch across the two ranks
+        assert summary["dev_counts"] == single["dev_counts"] and summary["train_counts"] == single["train_counts"], loss
+        for row in csv.DictReader((tmp_path / "runs" / loss / "metrics.csv").open()):
+            for stage, n in (("dev", 3), ("val", 5)):
+                assert sum(float(row[f"{stage}/{k}"]) for k in ("tp", "fp", "tn", "fn")) == n, (loss, stage, row)
+        assert len((tmp_path / "runs" / loss / "predictions.csv").read_text().splitlines()) == 1 + 5, loss

@@ -152,9 +152,9 @@ def probe(monkeypatch):
         )
         return loss
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
         seen["val_steps"].append(torch.is_autocast_enabled("cpu"))
-        return original["validation_step"](self, batch, batch_idx)
+        return original["validation_step"](self, batch, batch_idx, dataloader_idx)
 
     def on_validation_epoch_end(self):
         original["on_validation_epoch_end"](self)
