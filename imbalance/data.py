@@ -1001,6 +1001,8 @@ class TrainEpochSampler(EpochSampler):
     one sample is dropped, not every incomplete last batch, so a training set smaller than a batch still
     trains. The draw is reshuffled every epoch, so a different sample sits out each time. Under DDP every
     shard has the same length (see `EpochSampler`), so every rank drops the same number and steps alike.
+    A shard of a single sample (a set of fewer than two samples per process) cannot train at all: that is a
+    `DataError` naming `what`, raised when the sampler is made, before any step.
     Validation uses plain `EpochSampler`s and never drops anything.
     """
 
@@ -1012,9 +1014,15 @@ class TrainEpochSampler(EpochSampler):
         num_replicas: int = 1,
         rank: int = 0,
         batch_size: int = 1,
+        what: str = "the training split",
     ) -> None:
         super().__init__(labels, mode, seed, num_replicas, rank)
         self.batch_size = batch_size
+        if batch_size > 1 and super().__len__() == 1:
+            raise DataError(
+                f"{what} has {self.draw_length()} image(s) per epoch, which leaves {num_replicas} process(es) "
+                "one image each: batch norm cannot train on a batch of one; use fewer --devices, or more images"
+            )
 
     def __len__(self) -> int:
         length = super().__len__()
@@ -1092,9 +1100,11 @@ class ImbalanceDataModule(L.LightningDataModule):
             drop_last=False,
         )
 
-    def _train_sampler(self, labels: Sequence[int], mode: str, seed: int) -> TrainEpochSampler:
+    def _train_sampler(
+        self, labels: Sequence[int], mode: str, seed: int, what: str = "the training split"
+    ) -> TrainEpochSampler:
         replicas, rank = self._replicas()
-        return TrainEpochSampler(labels, mode, seed, replicas, rank, batch_size=self.batch_size)
+        return TrainEpochSampler(labels, mode, seed, replicas, rank, batch_size=self.batch_size, what=what)
 
     def train_dataloader(self) -> DataLoader:
         labels = [label for _, label in self.split.train]
@@ -1124,7 +1134,8 @@ class SearchDataModule(ImbalanceDataModule):
         train_sampler = self._train_sampler(train_labels, self.sampling, self.seed)  # --sampling applies
         train = self._loader(self.train_set, train_sampler, True)
         # the meta batches also go through the backbone in training mode: no lone sample there either
-        meta = self._loader(self.val_set, self._train_sampler(meta_labels, "none", self.seed + 1), False)
+        meta_sampler = self._train_sampler(meta_labels, "none", self.seed + 1, "AutoBalance's search validation part")
+        meta = self._loader(self.val_set, meta_sampler, False)
         return CombinedLoader({"train": train, "meta": meta}, mode="max_size_cycle")
 
     def val_dataloader(self):

@@ -156,12 +156,12 @@ def run_manifest(checkpoint: Path, hparams: dict[str, Any], manifest: Path | Non
 
 
 def manifest_items(
-    checkpoint: Path, hparams: dict[str, Any], manifest: Path | None, data_dir: Path | None
+    found: tuple[Path, dict, str], hparams: dict[str, Any], data_dir: Path | None
 ) -> tuple[Path | None, list[tuple[str, int]], list, str]:
-    """The run's validation split, replayed from its manifest (`run_manifest`), never re-drawn from the
-    folder: a folder that changed since training would move training photos into the evaluated set. Its
-    validation files must still be there and decode."""
-    path, content, what = run_manifest(checkpoint, hparams, manifest)
+    """The run's validation split, replayed from its manifest (`found`: what `run_manifest` returned), never
+    re-drawn from the folder: a folder that changed since training would move training photos into the
+    evaluated set. Its validation files must still be there and decode."""
+    path, content, what = found
     split = split_from_manifest(path, content, data_dir, parts=("val",), what=what)
     if tuple(split.class_names) != tuple(hparams["class_names"]):
         raise DataError(
@@ -201,19 +201,18 @@ def bootstrap_f1(labels: np.ndarray, probs: np.ndarray, threshold: float, rounds
 
 def dev_predictions(
     backbone: torch.nn.Module,
-    checkpoint: Path,
+    found: tuple[Path, dict, str] | DataError,
     hparams: dict[str, Any],
-    manifest: Path | None,
     data_dir: Path | None,
     batch_size: int,
     num_workers: int,
 ) -> tuple[dict[str, np.ndarray] | None, str]:
     """The model's predictions on its run's dev split ({"label", "prob"}), or None and why there are none
-    (no manifest to find it in, a run without a dev split): then nothing is tuned."""
-    try:
-        path, content, what = run_manifest(checkpoint, hparams, manifest)
-    except DataError as error:
-        return None, f"no dev split to tune on ({error})"
+    (`found`, the run's manifest, is the error that kept it from being found; or the run had no dev split):
+    then nothing is tuned."""
+    if isinstance(found, DataError):
+        return None, f"no dev split to tune on ({found})"
+    path, content, what = found
     if not content.get("dev"):
         return None, f"no dev split to tune on: {path} lists none (the run had --dev-fraction 0)"
     split = split_from_manifest(path, content, data_dir, parts=("dev",), what=what)
@@ -244,10 +243,16 @@ def evaluate(
     backbone, hparams = load_checkpoint(checkpoint)
     class_names = tuple(hparams["class_names"])
     evaluates_folder = data_dir is not None and manifest is None
+    try:
+        found: tuple[Path, dict, str] | DataError = run_manifest(Path(checkpoint), hparams, manifest)
+    except DataError as error:  # needed for the run's own validation split; else only for the dev split
+        if not evaluates_folder:
+            raise
+        found = error
     if evaluates_folder:
         root, items, skipped, source = folder_items(Path(data_dir), class_names)
     else:
-        root, items, skipped, source = manifest_items(Path(checkpoint), hparams, manifest, data_dir)
+        root, items, skipped, source = manifest_items(found, hparams, data_dir)
     if not items:
         raise DataError(f"no usable images to evaluate ({source})")
     transform = make_transform(
@@ -258,7 +263,7 @@ def evaluate(
     labels = np.array([label for _, label in items])
     # the dev split lives where the run's manifest says (a --data-dir given to evaluate a folder is not it)
     dev, dev_source = dev_predictions(
-        backbone, Path(checkpoint), hparams, manifest, None if evaluates_folder else data_dir, batch_size, num_workers
+        backbone, found, hparams, None if evaluates_folder else data_dir, batch_size, num_workers
     )
     cfg = hparams["config"]
     rules = dev_decisions({"label": labels}, dev, list(hparams["class_counts"]), cfg.get("posthoc_la"))

@@ -151,13 +151,13 @@ class RunRecorder(Checkpoint):
             self.best_predictions = self.last_predictions
             if not trainer.fast_dev_run:  # every rank calls it (a collective); rank 0 writes the file
                 self.best_model_path = str(self.run_dir / "checkpoints" / "best.ckpt")
-                trainer.save_checkpoint(self.best_model_path)
+                trainer.save_checkpoint(self.best_model_path, weights_only=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:
         self._complete_row(trainer)  # after the module's hook (see the class docstring)
         if not trainer.fast_dev_run:  # --resume continues from here, with this epoch's row complete
             self.last_model_path = str(self.run_dir / "checkpoints" / "last.ckpt")
-            trainer.save_checkpoint(self.last_model_path)
+            trainer.save_checkpoint(self.last_model_path, weights_only=False)
             self.last_saved_epoch = trainer.current_epoch
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: ImbalanceClassifier) -> None:

@@ -20,7 +20,7 @@ def main(data_dir: Path, out: Path) -> None:
             extra = {"autobalance_search_epochs": 1}
         cfg = RunConfig(
             data_dir=data_dir,
-            train_counts=(8, 12),
+            train_counts=(10, 12),  # dev: 1 cat, 2 dogs; AutoBalance's search part keeps 2 per rank
             val_counts=(3, 2),
             backbone="test_resnet",
             image_size=16,

@@ -167,8 +167,8 @@ def test_search_honours_freeze_backbone_and_sampling(tmp_path, monkeypatch):
 
     import imbalance.autobalance as autobalance
     import imbalance.data as data
-    from imbalance.config import RunConfig
     from imbalance.autobalance import run_search
+    from imbalance.config import RunConfig
 
     seen = {}
 

@@ -74,7 +74,7 @@ def test_two_process_ddp_gives_the_single_process_answer(tmp_path):
     ddp = cli(
         *common, "--batch-size", "4", "--accelerator", "cpu", "--devices", "2", "--logger", "wandb", "--out", "two"
     )
-    assert ddp.stdout.count("best val F1") == 1  # rank 0 alone reports
+    assert ddp.stdout.count("summary: ") == 1  # rank 0 alone reports
     one, two = tmp_path / "one", tmp_path / "two"
     assert len(list(two.glob("wandb/offline-run-*"))) == 1 and not list(tmp_path.glob("wandb"))
     summary = json.loads((two / "summary.json").read_text())
@@ -216,7 +216,7 @@ def test_every_loss_finishes_under_ddp_with_uneven_validation_shards(tmp_path):
         if any(p.poll() is None for p in processes):
             os.killpg(processes[0].pid, signal.SIGKILL)
     assert [p.returncode for p in processes] == [0, 0], output
-    split = load_split(RunConfig(data_dir=tree, train_counts=(8, 12), val_counts=(3, 2)))  # one process's draw
+    split = load_split(RunConfig(data_dir=tree, train_counts=(10, 12), val_counts=(3, 2)))  # one process's draw
     single = {
         "dev_counts": dict(zip(split.class_names, split.dev_counts, strict=True)),
         "train_counts": dict(zip(split.class_names, split.train_counts, strict=True)),
@@ -226,7 +226,7 @@ def test_every_loss_finishes_under_ddp_with_uneven_validation_shards(tmp_path):
         assert f"finished {loss}" in logs[0].read_text(), output
         summary = json.loads((tmp_path / "runs" / loss / "summary.json").read_text())
         assert summary["epochs_completed"] == 2 and summary["val_counts"] == {"Dog": 2, "Cat": 3}, loss
-        # the dev split (ceil 10% of 8 cats and 12 dogs: 3 photos, shards of 2 and 1) is the one a single
+        # the dev split (ceil 10% of 10 cats and 12 dogs: 3 photos, shards of 2 and 1) is the one a single
         # process draws, and every dev and val photo is counted once per epoch across the two ranks
         assert summary["dev_counts"] == single["dev_counts"] and summary["train_counts"] == single["train_counts"], loss
         for row in csv.DictReader((tmp_path / "runs" / loss / "metrics.csv").open()):

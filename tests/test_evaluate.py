@@ -82,8 +82,8 @@ def test_bce_checkpoint_has_one_output(pets, tmp_path, capsys):
     assert code == 0, err
     rows = prediction_rows(tmp_path / "ev" / "predictions.csv")
     expected = prediction_rows(run_dir / "predictions.csv")
-    assert [float(r["prob_positive"]) for r in rows] == pytest.approx(
-        [float(r["prob_positive"]) for r in expected], abs=1e-4
+    assert [float(r["prob_positive"]) for r in rows] == pytest.approx(  # best.ckpt: the dev-selected epoch
+        [float(r["prob_dev_selected"]) for r in expected], abs=1e-4
     )
 
 
@@ -165,8 +165,8 @@ def test_evaluate_replays_the_manifest_after_the_folder_changed(pets, tmp_path, 
     rows = prediction_rows(tmp_path / "ev" / "predictions.csv")
     expected = prediction_rows(run_dir / "predictions.csv")
     assert [r["path"] for r in rows] == [p for p, _ in manifest["val"]] == [r["path"] for r in expected]
-    assert [float(r["prob_positive"]) for r in rows] == pytest.approx(
-        [float(r["prob_positive"]) for r in expected], abs=1e-4
+    assert [float(r["prob_positive"]) for r in rows] == pytest.approx(  # best.ckpt: the dev-selected epoch
+        [float(r["prob_dev_selected"]) for r in expected], abs=1e-4
     )
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert "manifest" in metrics["data"] and str(run_dir / "manifest.json") in metrics["data"]

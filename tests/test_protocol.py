@@ -277,3 +277,13 @@ def test_a_run_logs_dev_and_val_every_epoch_and_reports_four_labelled_result_set
     exact = json.loads((tmp_path / "exact" / "summary.json").read_text())
     assert exact["train_counts"] == {"Dog": 30, "Cat": 10} and list(exact["results"]) == ["last_epoch"]
     assert not (tmp_path / "exact" / "checkpoints" / "best.ckpt").exists()
+
+
+def test_a_training_shard_of_one_image_is_a_clear_error_not_a_crash_at_the_first_step():
+    # AutoBalance's search part of a tiny split under 2 processes: one image per rank, and batch norm raises
+    # "Expected more than 1 value per channel" at the first training step (it did, before this check)
+    from imbalance.data import TrainEpochSampler
+
+    with pytest.raises(DataError, match="leaves 2 process\\(es\\) one image each.*fewer --devices"):
+        TrainEpochSampler([0, 1], "none", 0, num_replicas=2, rank=0, batch_size=2, what="the search part")
+    assert len(TrainEpochSampler([0, 1, 1, 0], "none", 0, num_replicas=2, rank=1, batch_size=2)) == 2

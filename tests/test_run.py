@@ -42,10 +42,12 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     assert (run_dir / "checkpoints" / "best.ckpt").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
     for name in ("config.json", "manifest.json", "predictions.csv", "skipped.csv"):
         assert (run_dir / name).is_file(), name
-    assert summary["train_counts"] == {"not-8": 1217, "8": 130}
+    # the 75% training part (1,217 / 130) less its dev split, ceil(10%) of each class
+    assert summary["train_counts"] == {"not-8": 1095, "8": 117} and summary["dev_counts"] == {"not-8": 122, "8": 13}
     assert summary["config"]["loss"] == "focal" and summary["wall_time_s"] > 0
-    cm = summary["confusion_matrix"]["matrix"]
-    assert cm[0][0] == best["val/tn"] and cm[1][1] == best["val/tp"] and sum(map(sum, cm)) == 450
+    cm, last = summary["confusion_matrix"]["matrix"], summary["results"]["last_epoch"]
+    assert cm[0][0] == last["tn"] and cm[1][1] == last["tp"] and sum(map(sum, cm)) == 450
+    assert last["f1"] == pytest.approx(rows[-1]["val/f1"] and float(rows[-1]["val/f1"]), abs=1e-6)
 
 
 def test_wandb_offline_run_holds_per_epoch_val_f1(tmp_path, capsys):
@@ -62,7 +64,7 @@ def test_wandb_offline_run_holds_per_epoch_val_f1(tmp_path, capsys):
 
 
 def test_pictures_are_valid_pngs(tmp_path):
-    run([*TINY, "--epochs", "2", "--logger", "none", "--tune-threshold", "--out", "runs/pics"])
+    run([*TINY, "--epochs", "2", "--logger", "none", "--out", "runs/pics"])
     summary = json.loads((tmp_path / "runs" / "pics" / "summary.json").read_text())
     assert summary["pictures"] == ["confusion_matrix.png", "pr_curve.png", "curves.png", "mistakes.png"]
     for name in summary["pictures"]:
@@ -97,11 +99,12 @@ def test_val_metrics_are_exact_for_odd_sizes_and_batches(tmp_path):
     rows = list(csv.DictReader((tmp_path / "runs" / "odd" / "predictions.csv").open()))
     assert len(rows) == 13  # every validation image exactly once, none padded
     labels = [int(r["label"]) for r in rows]
-    pred = [int(r["prediction"]) for r in rows]
-    best = summary["best"]["metrics"]
+    pred = [int(float(r["prob_dev_selected"]) > 0.5) for r in rows]
+    best = summary["best"]["metrics"]  # torchmetrics' epoch values of the dev-selected epoch
     assert best["val/f1"] == pytest.approx(skm.f1_score(labels, pred, zero_division=0), abs=1e-6)
     assert best["val/recall"] == pytest.approx(skm.recall_score(labels, pred, zero_division=0), abs=1e-6)
     assert best["val/tp"] + best["val/fp"] + best["val/tn"] + best["val/fn"] == 13
+    assert best["dev/tp"] + best["dev/fp"] + best["dev/tn"] + best["dev/fn"] == 1 + 2  # ceil(10%) of 5 and 19
 
 
 def test_photos_run_and_evaluate_match_sklearn(pet_tree, tmp_path):
@@ -118,13 +121,12 @@ def test_photos_run_and_evaluate_match_sklearn(pet_tree, tmp_path):
             "weighted",
             "--num-workers",
             "0",
-            "--tune-threshold",
             "--out",
             "runs/pets",
         ]
     )
-    assert summary["train_counts"]["Cat"] + summary["val_counts"]["Cat"] == 30
-    assert "tuned_threshold" in summary and "optimistic" in summary["tuned_threshold"]["note"]
+    assert summary["train_counts"]["Cat"] + summary["dev_counts"]["Cat"] + summary["val_counts"]["Cat"] == 30
+    assert "dev" in summary["results"]["dev_tuned_threshold"]["chosen_by"]
     ckpt = tmp_path / "runs" / "pets" / "checkpoints" / "best.ckpt"
     assert (
         evaluate_cli.main(
@@ -149,14 +151,17 @@ def test_photos_run_and_evaluate_match_sklearn(pet_tree, tmp_path):
     labels = [int(r["label"]) for r in rows]
     probs = [float(r["prob_positive"]) for r in rows]
     assert all(int(r["label"]) == int(r["path"].startswith("Cat")) for r in rows)
-    for threshold, key in ((0.5, "at_threshold_0.5"), (0.3, "at_threshold")):
-        pred = [int(p > threshold) for p in probs]
-        assert metrics[key]["f1"] == pytest.approx(skm.f1_score(labels, pred, zero_division=0), abs=1e-4)
-        assert metrics[key]["precision"] == pytest.approx(skm.precision_score(labels, pred, zero_division=0), abs=1e-4)
-        assert metrics[key]["recall"] == pytest.approx(skm.recall_score(labels, pred, zero_division=0), abs=1e-4)
-    assert metrics["average_precision"] == pytest.approx(skm.average_precision_score(labels, probs), abs=1e-3)
-    ci = metrics["at_threshold_0.5"]["f1_ci95"]
-    assert ci["low"] <= metrics["at_threshold_0.5"]["f1"] <= ci["high"]
+    results = metrics["results"]
+    assert list(results) == ["threshold_0.5", "dev_tuned_threshold", "posthoc_la", "given_threshold"]
+    assert "dev split" in metrics["dev"]  # the thresholds were tuned on the run's dev photos, not these
+    for key, r in results.items():
+        pred = [int(p > r["threshold"]) for p in probs]
+        assert r["f1"] == pytest.approx(skm.f1_score(labels, pred, zero_division=0), abs=1e-4), key
+        assert r["precision"] == pytest.approx(skm.precision_score(labels, pred, zero_division=0), abs=1e-4), key
+        assert r["recall"] == pytest.approx(skm.recall_score(labels, pred, zero_division=0), abs=1e-4), key
+        assert r["average_precision"] == pytest.approx(skm.average_precision_score(labels, probs), abs=1e-3)
+        assert r["f1_ci95"]["low"] <= r["f1"] <= r["f1_ci95"]["high"]
+    assert results["given_threshold"]["threshold"] == 0.3
 
 
 def test_evaluate_defaults_to_the_runs_validation_split(tmp_path):
@@ -165,7 +170,9 @@ def test_evaluate_defaults_to_the_runs_validation_split(tmp_path):
     evaluate_cli.main(["--checkpoint", str(ckpt), "--out", "ev", "--bootstrap", "0"])
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["images"] == 450
-    assert metrics["at_threshold_0.5"]["f1"] == pytest.approx(summary["best"]["metrics"]["val/f1"], abs=1e-6)
+    assert metrics["results"]["threshold_0.5"]["f1"] == pytest.approx(summary["best"]["metrics"]["val/f1"], abs=1e-6)
+    selected = summary["results"]["dev_selected_checkpoint"]  # best.ckpt: the same model, the same photos
+    assert metrics["results"]["threshold_0.5"]["f1"] == pytest.approx(selected["f1"], abs=1e-6)
 
 
 def test_fast_dev_run_smoke():
