@@ -2,8 +2,11 @@
 --data-dir DIR [--scale F] [--image-size S] [--seeds N] [--gpus N] [--only PATTERN] [--dry-run]`.
 
 Each cell runs as `python -m experiments.run` with the cell's flags; finished runs are skipped, so the
-command resumes after a crash or Ctrl-C. Writes results/<name>/table.md, table.csv and table.png. Exits 1
-(after writing the table) when any run failed, 130 on Ctrl-C.
+command resumes after a crash or Ctrl-C. Writes results/<name>/table.md, table.csv and table.png, with 95%
+seed-and-photo bootstrap intervals, paired differences to each data set's baseline and an all-cat (no-skill)
+row per data set; `--table-only` rebuilds them from the run files alone (summary.json, predictions.csv), the
+same numbers on any machine. Exits 1 (after writing the table) when any run failed, 2 when the run files
+disagree, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -55,7 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from imbalance.case_study import execute, load_grid, plan_runs, select, total_wall_time, write_results
+    from imbalance.case_study import (
+        TableError,
+        execute,
+        finished,
+        load_grid,
+        plan_runs,
+        protocol,
+        select,
+        total_wall_time,
+        write_results,
+    )
     from imbalance.config import ConfigError
 
     try:
@@ -95,16 +108,19 @@ def main(argv: list[str] | None = None) -> int:
         f"# Case study: {grid.name}\n\nRegenerate with `{command}`.\n"
         f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {platform.machine()} "
         f"({cpu_name()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads): "
-        f"{sum(p.done for p in plans)} runs, {total_wall_time(plans) / 60:.0f} min of training in all "
+        f"{len(finished(plans))} runs, {total_wall_time(plans) / 60:.0f} min of training in all "
         + (
             "(table written from the finished runs with --table-only). "
             if args.table_only
             else f"(this invocation {time.time() - started:.0f} s). "
         )
-        + "Metrics are those of the last epoch on the validation split (no selection on validation) unless "
-        "the method says otherwise; mean ± sample std over seeds."
+        + "A row reports the result set its method names (by default the model of the last epoch).\n\n"
+        + protocol()
     )
-    write_results(grid, cells, results, args.seeds, header)
+    try:
+        write_results(grid, cells, results, args.seeds, header)
+    except TableError as error:
+        parser.exit(2, f"error: {error}\n")
     print(f"table: {results / 'table.md'}")
     for plan, reason in failures:
         print(f"failed: {plan.cell.id} seed {plan.seed}: {reason}")

@@ -1,4 +1,4 @@
-"""The case-study grid: expand a YAML grid into runs, run the missing ones, tabulate mean ± std over seeds.
+"""The case-study grid: expand a YAML grid into runs, run the missing ones, and tabulate them with statistics.
 
 Each (cell, seed) is one `python -m experiments.run` process (the same code path a user runs, DDP
 included), writing to `results/<name>/runs/<cell-id>/seed<k>/`. A run counts as finished only when its
@@ -6,6 +6,12 @@ summary.json exists (written atomically at the end of fitting); a half-finished 
 and rerun, so nothing is ever half-counted and the grid resumes after a crash or Ctrl-C. A run directory
 whose lock another live run holds (`imbalance.io.RunLock`: a second case study on the same results) is
 never deleted: that run counts as failed here.
+
+The table (`collect`, `render_table`, `plot_table`) is built from the run files alone (summary.json and
+predictions.csv), so `--table-only` rebuilds it on a fresh clone: a row is one `summary["results"][report]`
+of each seed's run; mean ± sample std over seeds, the seed-and-photo bootstrap interval and the paired
+difference to the data set's baseline come from `imbalance.stats`, with a fixed bootstrap seed. Per data set
+an all-cat (no-skill) row says what the trivial answer scores, and each row that does not beat it is flagged.
 """
 
 from __future__ import annotations
@@ -26,11 +32,48 @@ from typing import Any
 import numpy as np
 import yaml
 
+from imbalance import stats
 from imbalance.config import ConfigError, RunConfig, comparable
 from imbalance.io import RunLock, atomic_write_text
 
-REPORTS = ("last", "tuned_threshold", "posthoc_logit_adjusted")
-COLUMNS = ("f1", "precision", "recall", "correct_pos", "correct_neg")
+# which of a run's result sets (summary.json "results") fills a row; all but last_epoch need a dev split
+REPORTS = ("last_epoch", "dev_selected_checkpoint", "dev_tuned_threshold", "posthoc_la")
+# (table column, key of a summary.json result set) of the mean ± std columns
+COLUMNS = (
+    ("f1", "f1"),
+    ("balanced_accuracy", "balanced_accuracy"),
+    ("average_precision", "average_precision"),
+    ("correct_pos", "tp"),
+    ("correct_neg", "tn"),
+    ("precision", "precision"),
+    ("recall", "recall"),
+)
+GRID_KEYS = {"name", "defaults", "seeds", "notes", "cells", "baselines"}
+MIN_SEEDS_FOR_INTERVAL = 3  # fewer seeds say nothing about the seed-to-seed spread
+BOOTSTRAP_REPLICATES = stats.DEFAULT_REPLICATES
+BOOTSTRAP_SEED = 14  # fixed: the same run files always give the same table (issue 14)
+RECOMPUTE_TOLERANCE = 1e-9
+NO_SKILL_METHOD = "all-cat predictor (no skill)"
+NOT_BETTER = "no better than all-cat"
+BETTER = "beats all-cat"
+FEW_SEEDS = "n<3"
+
+
+class TableError(ValueError):
+    """The run files disagree with each other or with the grid; the message names the file and the fix."""
+
+
+def protocol(replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED) -> str:
+    """How the table's numbers were made, for its header."""
+    return (
+        "Protocol: every decision (the checkpoint, the threshold, the post-hoc τ) is made on a dev split carved "
+        "from the training data; the validation set is reported once and never tuned on. Cells are mean ± sample "
+        f"std (ddof 1) over seeds; [a, b] is the 95% {stats.METHOD}, B = {replicates} replicates, bootstrap seed "
+        f"{seed}; Δ is the paired difference to the data set's baseline row on the same seeds and the same "
+        f"resampled photos. Rows with fewer than {MIN_SEEDS_FOR_INTERVAL} seeds get no interval ({FEW_SEEDS}). "
+        f"'{NOT_BETTER}': the F1 interval reaches down to the all-cat predictor's F1, or the balanced-accuracy "
+        "interval reaches 0.5."
+    )
 
 
 @dataclass
@@ -41,7 +84,7 @@ class Cell:
     flags: dict[str, Any] = field(default_factory=dict)
     seeds: int | None = None
     lecture: dict[str, Any] = field(default_factory=dict)
-    report: str = "last"
+    report: str = "last_epoch"
     runs_of: str | None = None
 
 
@@ -52,6 +95,7 @@ class Grid:
     defaults: dict[str, Any]
     seeds: int
     notes: str = ""  # printed under the table: what the rows can and cannot be compared with
+    baselines: dict[str, str] = field(default_factory=dict)  # data set -> the cell every row's Δ is taken to
 
     def seeds_of(self, cell: Cell, override: int | None = None) -> list[int]:
         return list(range(override if override is not None else (cell.seeds or self.seeds)))
@@ -63,6 +107,11 @@ def load_grid(path: Path) -> Grid:
         raw = yaml.safe_load(Path(path).read_text())
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"--grid {path} cannot be read: {error}") from error
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--grid {path} must be a mapping with 'cells' (see experiments/case_study.yaml)")
+    unknown_keys = set(raw) - GRID_KEYS
+    if unknown_keys:
+        raise ConfigError(f"--grid {path}: unknown top-level keys {sorted(unknown_keys)}; known: {sorted(GRID_KEYS)}")
     known = {f.name for f in dataclasses.fields(Cell)}
     fields = {f.name for f in dataclasses.fields(RunConfig)}
     cells = []
@@ -86,8 +135,25 @@ def load_grid(path: Path) -> Grid:
     bad_defaults = set(raw.get("defaults", {})) - fields
     if bad_defaults:
         raise ConfigError(f"--grid {path}: unknown defaults {sorted(bad_defaults)}")
+    baselines = raw.get("baselines") or {}
+    if not isinstance(baselines, dict):
+        raise ConfigError(f"--grid {path}: baselines must map a data set to a cell id, e.g. {{balanced: balanced/ce}}")
+    by_id = {c.id: c for c in cells}
+    for data, cell_id in baselines.items():
+        if cell_id not in by_id:
+            raise ConfigError(f"--grid {path}: the baseline of {data!r} is {cell_id!r}, which is not a cell id")
+        if by_id[cell_id].data != data:
+            raise ConfigError(
+                f"--grid {path}: the baseline of {data!r} is {cell_id!r}, a cell of data {by_id[cell_id].data!r}; "
+                "a baseline must be trained on the same data"
+            )
     return Grid(
-        raw.get("name", Path(path).stem), cells, raw.get("defaults", {}), int(raw.get("seeds", 1)), raw.get("notes", "")
+        raw.get("name", Path(path).stem),
+        cells,
+        raw.get("defaults", {}),
+        int(raw.get("seeds", 1)),
+        raw.get("notes", ""),
+        dict(baselines),
     )
 
 
@@ -159,9 +225,15 @@ def plan_runs(grid: Grid, cells: list[Cell], results: Path, overrides: dict[str,
     return plans
 
 
+def finished(plans: list[Plan]) -> list[Plan]:
+    """Plans whose run wrote its summary.json (what the table counts; on a fresh clone `done` may not hold,
+    since a run stores its data folder resolved on the machine that trained it)."""
+    return [p for p in plans if (p.run_dir / "summary.json").is_file()]
+
+
 def total_wall_time(plans: list[Plan]) -> float:
     """Seconds of training behind the finished runs (their own wall times, resumed parts included)."""
-    return sum(json.loads((p.run_dir / "summary.json").read_text()).get("wall_time_s", 0.0) for p in plans if p.done)
+    return sum(json.loads((p.run_dir / "summary.json").read_text()).get("wall_time_s", 0.0) for p in finished(plans))
 
 
 def execute(plans: list[Plan], log: Any = print) -> list[tuple[Plan, str]]:
@@ -203,122 +275,410 @@ def execute(plans: list[Plan], log: Any = print) -> list[tuple[Plan, str]]:
     return failures
 
 
-def _row_numbers(summary: dict[str, Any], report: str) -> dict[str, float] | None:
-    if report == "last":
-        m = (summary.get("last") or {}).get("metrics")
-        if not m:
+# ---------------------------------------------------------------- the table: reading the runs
+
+
+@dataclass
+class Run:
+    """One seed's run as a row sees it: its result set and the validation predictions it came from."""
+
+    seed: int
+    run_dir: Path
+    result: dict[str, Any]  # summary.json results[report]
+    positives: int  # the run's own validation counts
+    negatives: int
+    paths: tuple[str, ...]  # validation photos, in predictions.csv order
+    labels: np.ndarray  # (N,) 0/1
+    predicted: np.ndarray  # (N,) bool: prob > threshold, the rule the run used
+    finite: bool  # False for a diverged model (NaN probabilities): no interval, NaN metrics
+
+
+@dataclass
+class Row:
+    id: str
+    data: str
+    method: str
+    kind: str = "trained"  # or "no_skill"
+    report: str = ""
+    seeds: list[int] = field(default_factory=list)  # seeds with numbers
+    failed: int = 0
+    unreported: int = 0  # finished runs without this result set (a run without a dev split)
+    lecture: dict[str, Any] = field(default_factory=dict)
+    val: tuple[int, int] | None = None  # (positives, negatives) of the validation set
+    means: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # column -> (mean, sample std)
+    f1_ci: tuple[float, float] | None = None
+    ba_ci: tuple[float, float] | None = None
+    baseline: str | None = None  # the data set's baseline cell (None: the grid names none)
+    delta_f1: stats.Difference | None = None
+    delta_ba: stats.Difference | None = None
+    no_skill_f1: float | None = None
+    verdict: str = ""  # BETTER, NOT_BETTER, FEW_SEEDS, "non-finite predictions", "no skill" or ""
+
+    @property
+    def is_baseline(self) -> bool:
+        return self.baseline == self.id
+
+
+class _Reader:
+    """Reads each run file once (a runs_of row rereads its source's runs) and draws each resample once."""
+
+    def __init__(self, replicates: int, seed: int) -> None:
+        self.replicates, self.seed = replicates, seed
+        self._predictions: dict[Path, dict[str, list[str]]] = {}
+        self._draws: dict[tuple[tuple[int, ...], bytes], stats.Resample] = {}
+
+    def predictions(self, path: Path) -> dict[str, list[str]]:
+        if path not in self._predictions:
+            if not path.is_file():
+                raise TableError(f"{path} is missing: the table needs each run's predictions.csv; rerun the run")
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            if not rows or "path" not in rows[0] or "label" not in rows[0]:
+                raise TableError(f"{path} has no rows with 'path' and 'label' columns; rerun the run")
+            self._predictions[path] = {key: [r[key] for r in rows] for key in rows[0]}
+        return self._predictions[path]
+
+    def resample(self, labels: np.ndarray, cell: Cell) -> stats.Resample:
+        key = (labels.shape, labels.tobytes())
+        if key not in self._draws:
+            try:
+                self._draws[key] = stats.draw(labels, self.replicates, self.seed)
+            except ValueError as error:
+                raise TableError(f"cell {cell.id!r}: {error}; rerun its runs with one --scale") from error
+        return self._draws[key]
+
+    def run(self, run_dir: Path, seed: int, report: str) -> Run | None:
+        """The run's result set `report` (None when the run has none: no dev split), checked against its
+        predictions.csv: F1 and balanced accuracy recomputed from the predictions must equal the summary's."""
+        summary_file = run_dir / "summary.json"
+        try:
+            summary = json.loads(summary_file.read_text())
+            results = summary["results"]
+            class_names = summary["class_names"]
+            positives = int(summary["val_counts"][class_names["positive"]])
+            negatives = int(summary["val_counts"][class_names["negative"]])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise TableError(
+                f"{summary_file} lacks results/class_names/val_counts ({error!r}): written by an older "
+                "experiments.run; rerun the run with --overwrite"
+            ) from error
+        result = results.get(report)
+        if result is None:
             return None
-        return {
-            "f1": m["val/f1"],
-            "precision": m["val/precision"],
-            "recall": m["val/recall"],
-            "correct_pos": m["val/tp"],
-            "correct_neg": m["val/tn"],
-        }
-    m = summary.get(report)
-    if not m:
-        return None
-    return {
-        "f1": m["f1"],
-        "precision": m["precision"],
-        "recall": m["recall"],
-        "correct_pos": m["tp"],
-        "correct_neg": m["tn"],
-    }
-
-
-def collect(grid: Grid, cells: list[Cell], results: Path, seeds: int | None) -> list[dict[str, Any]]:
-    """One table row per cell: mean and std over the finished seeds (failed or missing seeds are counted)."""
-    by_id = {c.id: c for c in grid.cells}
-    rows = []
-    for cell in cells:
-        source = by_id[cell.runs_of] if cell.runs_of else cell
-        numbers, val_sizes, failed = [], [], 0
-        for seed in grid.seeds_of(source, seeds):
-            run_dir = results / "runs" / source.id / f"seed{seed}"
-            summary_file = run_dir / "summary.json"
-            if summary_file.is_file():
-                summary = json.loads(summary_file.read_text())
-                values = _row_numbers(summary, cell.report)
-                if values is not None:
-                    numbers.append(values)
-                    val_sizes.append(summary["val_counts"])
-            elif (run_dir / "run.log").is_file():
-                failed += 1
-        row: dict[str, Any] = {
-            "id": cell.id,
-            "data": cell.data,
-            "method": cell.method,
-            "seeds": len(numbers),
-            "failed": failed,
-            "lecture": cell.lecture,
-            "val_counts": val_sizes[0] if val_sizes else None,
-        }
-        for column in COLUMNS:
-            values = np.array([n[column] for n in numbers], dtype=float)
-            row[column] = (
-                (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0) if len(values) else None
+        column, threshold = result.get("predictions"), float(result.get("threshold", float("nan")))
+        table = self.predictions(run_dir / "predictions.csv")
+        if column not in table:
+            raise TableError(
+                f"{run_dir / 'predictions.csv'} has no column {column!r}, which summary.json's results[{report!r}] "
+                "was computed from; rerun the run"
             )
-        rows.append(row)
+        probs = np.array(table[column], dtype=float)
+        labels = np.array([_label(v, class_names, run_dir) for v in table["label"]], dtype=np.int8)
+        predicted = probs > threshold
+        finite = bool(np.isfinite(probs).all())
+        if int(labels.sum()) != positives or len(labels) - int(labels.sum()) != negatives:
+            raise TableError(
+                f"{run_dir / 'predictions.csv'} holds {int(labels.sum())} positives of {len(labels)} photos but "
+                f"summary.json's val_counts say {positives} of {positives + negatives}; rerun the run"
+            )
+        for name, metric in (("f1", stats.f1_score), ("balanced_accuracy", stats.balanced_accuracy)):
+            recorded = float(result[name])
+            recomputed = float(metric(labels, predicted)) if finite else float("nan")
+            agree = abs(recomputed - recorded) <= RECOMPUTE_TOLERANCE or (np.isnan(recomputed) and np.isnan(recorded))
+            if not agree:  # the table's intervals would describe other predictions than the row's numbers
+                raise TableError(
+                    f"{run_dir}: {name} recomputed from predictions.csv ({column} > {threshold!r}) is {recomputed!r} "
+                    f"but summary.json results[{report!r}] says {recorded!r}; the run's files disagree: rerun it"
+                )
+        return Run(seed, run_dir, result, positives, negatives, tuple(table["path"]), labels, predicted, finite)
+
+
+def _label(value: str, class_names: dict[str, str], run_dir: Path) -> int:
+    if value in ("0", "1"):
+        return int(value)
+    names = {class_names.get("negative"): 0, class_names.get("positive"): 1}
+    if value not in names:
+        raise TableError(
+            f"{run_dir / 'predictions.csv'}: label {value!r} is neither 0/1 nor a class name; rerun the run"
+        )
+    return names[value]
+
+
+def _runs(grid: Grid, cell: Cell, results: Path, seeds: int | None, reader: _Reader) -> tuple[list[Run], int, int]:
+    """(the runs with numbers for this cell's report, failed runs, finished runs without the report)."""
+    source = next(c for c in grid.cells if c.id == cell.runs_of) if cell.runs_of else cell
+    runs, failed, unreported = [], 0, 0
+    for seed in grid.seeds_of(source, seeds):
+        run_dir = results / "runs" / source.id / f"seed{seed}"
+        if (run_dir / "summary.json").is_file():
+            run = reader.run(run_dir, seed, cell.report)
+            if run is None:
+                unreported += 1
+            else:
+                runs.append(run)
+        elif (run_dir / "run.log").is_file():
+            failed += 1
+    return runs, failed, unreported
+
+
+def _stack(runs: list[Run], attribute: str, cell: Cell) -> np.ndarray:
+    try:
+        return np.stack([getattr(r, attribute) for r in runs])
+    except ValueError as error:
+        sizes = sorted({len(r.labels) for r in runs})
+        raise TableError(
+            f"cell {cell.id!r}: its runs have validation sets of different sizes {sizes}; rerun them with one --scale"
+        ) from error
+
+
+def _check_same_photos(cell: Cell, run: Run, base_id: str, base: Run) -> None:
+    if run.paths != base.paths or not np.array_equal(run.labels, base.labels):
+        raise TableError(
+            f"{run.run_dir / 'predictions.csv'} and {base.run_dir / 'predictions.csv'} list different validation "
+            f"photos: cell {cell.id!r} and its baseline {base_id!r} at seed {run.seed} were not made on the same data "
+            "(compare their config.json); rerun one of them on the other's data"
+        )
+
+
+def _difference(
+    labels: np.ndarray, row: np.ndarray, base: np.ndarray, metric: stats.Metric, resample: stats.Resample | None
+) -> stats.Difference:
+    """Row minus baseline over their common seeds; no interval (NaN ends) without a resample (n<3)."""
+    if resample is not None:
+        return stats.paired_difference(labels, row, base, resample, metric)
+    mean = float((metric(labels, row) - metric(labels, base)).mean())
+    return stats.Difference(mean, float("nan"), float("nan"), len(labels))
+
+
+def _trained_row(
+    grid: Grid, cell: Cell, results: Path, seeds: int | None, reader: _Reader, base_runs: list[Run] | None
+) -> Row:
+    runs, failed, unreported = _runs(grid, cell, results, seeds, reader)
+    row = Row(cell.id, cell.data, cell.method, "trained", cell.report, [r.seed for r in runs], failed, unreported)
+    row.lecture, row.baseline = cell.lecture, grid.baselines.get(cell.data)
+    for column, key in COLUMNS:
+        values = np.array([float(r.result[key]) for r in runs])
+        std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        row.means[column] = (float(values.mean()), std) if len(values) else None
+    if not runs:
+        return row
+    row.val = (runs[0].positives, runs[0].negatives)
+    row.no_skill_f1 = stats.no_skill(*row.val).f1
+    finite = all(r.finite for r in runs)
+    enough = len(runs) >= MIN_SEEDS_FOR_INTERVAL and finite
+    if enough:
+        labels, predicted = _stack(runs, "labels", cell), _stack(runs, "predicted", cell)
+        resample = reader.resample(labels, cell)
+        row.f1_ci = stats.bootstrap_interval(labels, predicted, resample, stats.f1_score)
+        row.ba_ci = stats.bootstrap_interval(labels, predicted, resample, stats.balanced_accuracy)
+    if base_runs is not None and not row.is_baseline:
+        by_seed = {r.seed: r for r in base_runs}
+        pairs = [(r, by_seed[r.seed]) for r in runs if r.seed in by_seed]
+        for run, base in pairs:
+            _check_same_photos(cell, run, row.baseline or "", base)
+        if pairs and finite and all(b.finite for _, b in pairs):
+            mine, theirs = [r for r, _ in pairs], [b for _, b in pairs]
+            labels = _stack(mine, "labels", cell)
+            row_pred, base_pred = _stack(mine, "predicted", cell), _stack(theirs, "predicted", cell)
+            paired = reader.resample(labels, cell) if len(pairs) >= MIN_SEEDS_FOR_INTERVAL else None
+            row.delta_f1 = _difference(labels, row_pred, base_pred, stats.f1_score, paired)
+            row.delta_ba = _difference(labels, row_pred, base_pred, stats.balanced_accuracy, paired)
+    if not finite:
+        row.verdict = "non-finite predictions"
+    elif row.f1_ci is None or row.ba_ci is None:
+        row.verdict = FEW_SEEDS
+    elif row.f1_ci[0] <= row.no_skill_f1 + 1e-12 or row.ba_ci[0] <= 0.5 + 1e-12:  # an all-cat model ties exactly
+        row.verdict = NOT_BETTER
+    else:
+        row.verdict = BETTER
+    return row
+
+
+def _no_skill_row(data: str, val: tuple[int, int]) -> Row:
+    ns = stats.no_skill(*val)
+    row = Row(f"{data}/no-skill", data, NO_SKILL_METHOD, "no_skill", val=val, verdict="no skill")
+    row.no_skill_f1 = ns.f1
+    for column, value in (
+        ("f1", ns.f1),
+        ("balanced_accuracy", ns.balanced_accuracy),
+        ("average_precision", ns.average_precision),
+        ("correct_pos", ns.correct_pos),
+        ("correct_neg", ns.correct_neg),
+        ("precision", ns.precision),
+        ("recall", ns.recall),
+    ):
+        row.means[column] = (float(value), 0.0)
+    return row
+
+
+def collect(
+    grid: Grid,
+    cells: list[Cell],
+    results: Path,
+    seeds: int | None,
+    replicates: int = BOOTSTRAP_REPLICATES,
+    bootstrap_seed: int = BOOTSTRAP_SEED,
+) -> list[Row]:
+    """The table's rows, grouped by data set in grid order, each group ending with its no-skill row.
+    Failed, missing and unreported seeds are counted, never averaged in."""
+    reader = _Reader(replicates, bootstrap_seed)
+    by_id = {c.id: c for c in grid.cells}
+    rows: list[Row] = []
+    for data in dict.fromkeys(c.data for c in grid.cells):
+        group = [c for c in cells if c.data == data]
+        if not group:
+            continue
+        base_id = grid.baselines.get(data)
+        base_runs = _runs(grid, by_id[base_id], results, seeds, reader)[0] if base_id else None
+        group_rows = [_trained_row(grid, c, results, seeds, reader, base_runs) for c in group]
+        rows += group_rows
+        val = next((r.val for r in group_rows if r.val is not None), None)
+        if val is not None:
+            rows.append(_no_skill_row(data, val))
     return rows
 
 
-def _fmt(value: tuple[float, float] | None, digits: int, seeds: int) -> str:
+# ---------------------------------------------------------------- the table: writing it
+
+
+def _mean_std(value: tuple[float, float] | None, digits: int, seeds: int) -> str:
     if value is None:
         return "–"
     mean, std = value
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if seeds > 1 else f"{mean:.{digits}f}"
 
 
-def render_table(rows: list[dict[str, Any]], header: str) -> tuple[str, str]:
+def _with_interval(row: Row, column: str, ci: tuple[float, float] | None) -> str:
+    if row.kind == "no_skill":
+        return f"{row.means[column][0]:.3f}"
+    text = _mean_std(row.means.get(column), 3, len(row.seeds))
+    if ci is not None:
+        return f"{text} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return f"{text} ({FEW_SEEDS})" if 0 < len(row.seeds) < MIN_SEEDS_FOR_INTERVAL else text
+
+
+def _delta(row: Row, diff: stats.Difference | None) -> str:
+    if row.kind == "no_skill" or row.baseline is None:
+        return ""
+    if row.is_baseline:
+        return "—"
+    if diff is None:
+        return "–"
+    if np.isnan(diff.low):
+        return f"{diff.mean:+.3f} ({FEW_SEEDS})"
+    return f"{diff.mean:+.3f} [{diff.low:+.3f}, {diff.high:+.3f}]"
+
+
+def _counts(row: Row, column: str, total: int | None) -> str:
+    if row.kind == "no_skill":
+        return f"{row.means[column][0]:.0f} / {total}"
+    text = _mean_std(row.means.get(column), 0, len(row.seeds))
+    return f"{text} / {total}" if total is not None and row.seeds else text
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.6f}"
+
+
+CSV_HEADER = [
+    "id",
+    "data",
+    "method",
+    "kind",
+    "report",
+    "baseline",
+    "seeds",
+    "failed",
+    "unreported",
+    *[f"{c}_{s}" for c, _ in COLUMNS for s in ("mean", "std")],
+    "f1_low",
+    "f1_high",
+    "balanced_accuracy_low",
+    "balanced_accuracy_high",
+    "delta_f1",
+    "delta_f1_low",
+    "delta_f1_high",
+    "delta_balanced_accuracy",
+    "delta_balanced_accuracy_low",
+    "delta_balanced_accuracy_high",
+    "delta_seeds",
+    "no_skill_f1",
+    "vs_no_skill",
+    "val_pos",
+    "val_neg",
+    "lecture_f1",
+    "lecture_cats",
+    "lecture_dogs",
+    "lecture_resnet_f1",
+]
+
+
+def render_table(rows: list[Row], header: str) -> tuple[str, str]:
     """(markdown, csv) of the table; correct cats/dogs are out of each run's own validation counts."""
     lines = [
         header,
         "",
-        "| data | method | seeds | F1 | precision | recall | correct cats | correct dogs | lecture F1 (VGG16) | lecture cats / dogs of 1500 | lecture F1 (ResNet) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data | method | seeds | F1 [95% CI] | Δ F1 vs baseline [95% CI] | balanced acc. [95% CI] "
+        "| Δ bal. acc. [95% CI] | AP | correct cats | correct dogs | precision | recall | vs all-cat "
+        "| lecture F1 (VGG16) | lecture cats / dogs of 1500 | lecture F1 (ResNet) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(
-        [
-            "id",
-            "data",
-            "method",
-            "seeds",
-            "failed",
-            *[f"{c}_{s}" for c in COLUMNS for s in ("mean", "std")],
-            "val_pos",
-            "val_neg",
-            "lecture_f1",
-            "lecture_cats",
-            "lecture_dogs",
-            "lecture_resnet_f1",
-        ]
-    )
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
     for row in rows:
-        lec = row["lecture"]
-        seeds = row["seeds"]
-        val = row["val_counts"] or {}
-        val_pos, val_neg = (list(val.values())[1], list(val.values())[0]) if val else ("", "")
-        seeds_text = f"{seeds}" + (f" ({row['failed']} failed)" if row["failed"] else "")
+        lec, n = row.lecture, len(row.seeds)
+        val_pos, val_neg = row.val if row.val else (None, None)
+        if row.kind == "no_skill":
+            seeds_text = "–"
+        else:
+            seeds_text = f"{n}" + (f" ({row.failed} failed)" if row.failed else "")
+            seeds_text += f" ({row.unreported} without {row.report})" if row.unreported else ""
+        verdict = f"**{row.verdict}**" if row.verdict == NOT_BETTER else row.verdict
         lines.append(
-            f"| {row['data']} | {row['method']} | {seeds_text} | {_fmt(row['f1'], 3, seeds)} | {_fmt(row['precision'], 3, seeds)} "
-            f"| {_fmt(row['recall'], 3, seeds)} | {_fmt(row['correct_pos'], 0, seeds)}{f' / {val_pos}' if val else ''} "
-            f"| {_fmt(row['correct_neg'], 0, seeds)}{f' / {val_neg}' if val else ''} | {lec.get('f1', '')} "
+            f"| {row.data} | {row.method} | {seeds_text} | {_with_interval(row, 'f1', row.f1_ci)} "
+            f"| {_delta(row, row.delta_f1)} | {_with_interval(row, 'balanced_accuracy', row.ba_ci)} "
+            f"| {_delta(row, row.delta_ba)} | {_mean_std(row.means.get('average_precision'), 3, n)} "
+            f"| {_counts(row, 'correct_pos', val_pos)} | {_counts(row, 'correct_neg', val_neg)} "
+            f"| {_mean_std(row.means.get('precision'), 3, n)} | {_mean_std(row.means.get('recall'), 3, n)} "
+            f"| {verdict} | {lec.get('f1', '')} "
             f"| {lec.get('cats', '')}{' / ' if 'cats' in lec else ''}{lec.get('dogs', '')} | {lec.get('resnet_f1', '')} |"
         )
-        flat = [v for c in COLUMNS for v in (row[c] if row[c] is not None else ("", ""))]
+        means = [
+            v
+            for c, _ in COLUMNS
+            for v in (
+                (_number(row.means[c][0]), "" if row.kind == "no_skill" else _number(row.means[c][1]))
+                if row.means.get(c) is not None
+                else ("", "")
+            )
+        ]
+        cis = [_number(x) for ci in (row.f1_ci, row.ba_ci) for x in (ci if ci else (None, None))]
+        deltas = [
+            _number(None if x is None or np.isnan(x) else x)  # no interval (n<3): empty, not "nan"
+            for d in (row.delta_f1, row.delta_ba)
+            for x in ((d.mean, d.low, d.high) if d else (None, None, None))
+        ]
+        delta_seeds = row.delta_f1.seeds if row.delta_f1 else ""
         writer.writerow(
             [
-                row["id"],
-                row["data"],
-                row["method"],
-                seeds,
-                row["failed"],
-                *flat,
-                val_pos,
-                val_neg,
+                row.id,
+                row.data,
+                row.method,
+                row.kind,
+                row.report,
+                row.baseline or "",
+                n if row.kind == "trained" else "",
+                row.failed,
+                row.unreported,
+                *means,
+                *cis,
+                *deltas,
+                delta_seeds,
+                _number(row.no_skill_f1),
+                row.verdict,
+                "" if val_pos is None else val_pos,
+                "" if val_neg is None else val_neg,
                 lec.get("f1", ""),
                 lec.get("cats", ""),
                 lec.get("dogs", ""),
@@ -328,35 +688,99 @@ def render_table(rows: list[dict[str, Any]], header: str) -> tuple[str, str]:
     return "\n".join(lines) + "\n", buffer.getvalue()
 
 
-def plot_table(rows: list[dict[str, Any]], path: Path) -> None:
-    """Bar chart of F1 (mean ± std over seeds) per cell, with the lecture's F1 as markers."""
+def plot_table(rows: list[Row], path: Path) -> None:
+    """Two panels, rows grouped by data set: mean F1 and mean balanced accuracy with their 95% bootstrap
+    intervals as error bars, each group's no-skill value as a dashed line, the lecture's F1 as markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shown = [r for r in rows if r["f1"] is not None or isinstance(r["lecture"].get("f1"), (int, float))]
-    fig, ax = plt.subplots(figsize=(10, 0.42 * len(shown) + 1.5))
-    y = np.arange(len(shown))
-    means = [r["f1"][0] if r["f1"] else 0 for r in shown]
-    stds = [r["f1"][1] if r["f1"] else 0 for r in shown]
-    ax.barh(y, means, xerr=stds, color="#4c72b0", alpha=0.85, label="this repository (mean ± std over seeds)")
-    for i, r in enumerate(shown):
-        for key, marker, color, label in (
+    def shown(r: Row) -> bool:
+        lecture = any(isinstance(r.lecture.get(k), (int, float)) for k in ("f1", "resnet_f1"))
+        return r.kind == "trained" and (bool(r.seeds) or lecture)
+
+    groups = [(d, [r for r in rows if r.data == d and shown(r)]) for d in dict.fromkeys(r.data for r in rows)]
+    groups = [(d, g) for d, g in groups if g]
+    no_skill = {r.data: r for r in rows if r.kind == "no_skill"}
+    placed: list[tuple[float, Row]] = []
+    y = 0.0
+    spans: list[tuple[str, float, float]] = []
+    for data, group in groups:
+        first = y
+        for r in group:
+            placed.append((y, r))
+            y += 1
+        spans.append((data, first, y - 1))
+        y += 0.8  # a gap between data sets
+    height = 0.42 * max(len(placed), 1) + 0.3 * len(groups) + 1.8
+    fig, (ax_f1, ax_ba) = plt.subplots(1, 2, figsize=(14, height), sharey=True, gridspec_kw={"width_ratios": [3, 2]})
+    colours = {BETTER: "#4c72b0", NOT_BETTER: "#c44e52"}
+    for ax, column, attribute, label in (
+        (ax_f1, "f1", "f1_ci", "F1 of the positive class (cat) on validation"),
+        (ax_ba, "balanced_accuracy", "ba_ci", "balanced accuracy on validation"),
+    ):
+        for pos, r in placed:
+            mean = r.means[column][0] if r.means.get(column) else None
+            if mean is None or np.isnan(mean):
+                continue
+            ci = getattr(r, attribute)
+            xerr = [[max(0.0, mean - ci[0])], [max(0.0, ci[1] - mean)]] if ci else None
+            ax.barh(
+                pos,
+                mean,
+                xerr=xerr,
+                color=colours.get(r.verdict, "#a0a0a0"),
+                alpha=0.85,
+                capsize=2,
+                label=f"mean over seeds, 95% interval ({r.verdict or 'no runs'})",
+            )
+        for data, first, last in spans:
+            if data in no_skill:
+                value = no_skill[data].means[column][0]
+                ax.vlines(
+                    value,
+                    first - 0.45,
+                    last + 0.45,
+                    colors="black",
+                    linestyles="--",
+                    linewidth=1.2,
+                    label=NO_SKILL_METHOD,
+                )
+                ax.annotate(
+                    f"all-cat {value:.3f}",
+                    (value, first - 0.5),
+                    fontsize=7,
+                    ha="left",
+                    va="bottom",
+                    xytext=(2, 0),
+                    textcoords="offset points",
+                )
+        for _, first, _ in spans[1:]:  # a rule between data sets
+            ax.axhline(first - 0.9, color="#cccccc", linewidth=0.8)
+        ax.set_xlim(0, 1)
+        ax.set_xlabel(label)
+    for pos, r in placed:
+        for key, marker, colour, label in (
             ("f1", "D", "#dd8452", "lecture, VGG16 (TF)"),
             ("resnet_f1", "o", "#55a868", "lecture, ResNet (PyTorch)"),
         ):
-            value = r["lecture"].get(key)
+            value = r.lecture.get(key)
             if isinstance(value, (int, float)):
-                ax.plot(value, i, marker, color=color, label=label)
-    ax.set_yticks(y, [f"{r['data']}: {r['method']}" for r in shown], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("F1 of the positive class (cat) on validation")
-    handles, labels = ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles, strict=True))
-    ax.legend(unique.values(), unique.keys(), loc="lower right", fontsize=8)
-    fig.tight_layout()
+                ax_f1.plot(value, pos, marker, color=colour, label=label)
+    ticks = [
+        f"{r.data}: {r.method}" + (f" ({FEW_SEEDS})" if 0 < len(r.seeds) < MIN_SEEDS_FOR_INTERVAL else "")
+        for _, r in placed
+    ]
+    ax_f1.set_yticks([p for p, _ in placed], ticks, fontsize=8)
+    ax_f1.invert_yaxis()
+    unique: dict[str, Any] = {}
+    for ax in (ax_f1, ax_ba):  # one legend for both panels, under them, where it hides no bar
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            unique.setdefault(label, handle)
+    legend_rows = (len(unique) + 2) // 3
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.25 * legend_rows / height + 0.01, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
@@ -365,7 +789,7 @@ def plot_table(rows: list[dict[str, Any]], path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def write_results(grid: Grid, cells: list[Cell], results: Path, seeds: int | None, header: str) -> list[dict[str, Any]]:
+def write_results(grid: Grid, cells: list[Cell], results: Path, seeds: int | None, header: str) -> list[Row]:
     rows = collect(grid, cells, results, seeds)
     markdown, table_csv = render_table(rows, header)
     if grid.notes:

@@ -1,14 +1,23 @@
-"""The case-study runner: dry run, a tiny grid end to end, resuming after a failed cell."""
+"""The case-study runner and its table: dry run, a tiny grid end to end, resuming after a failed cell, and the
+table's statistics on fake run folders (summary.json + predictions.csv from fixed arrays, no training)."""
 
 from __future__ import annotations
 
 import csv
+import json
+import shutil
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from experiments import case_study
+from imbalance import stats
+from imbalance.case_study import BETTER, BOOTSTRAP_SEED, NOT_BETTER, REPORTS, load_grid, plan_runs
+from imbalance.config import ConfigError
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "case_study.yaml"
 
@@ -20,9 +29,33 @@ def test_dry_run_lists_every_cell_of_the_repository_grid(capsys):
     trained = [c for c in grid["cells"] if "runs_of" not in c]
     for cell in trained:
         assert f"  {cell['id']}  seed 0" in out, cell["id"]
+        assert cell.get("seeds", grid["seeds"]) >= 3, f"{cell['id']}: a row needs 3 seeds for an interval"
     expected = sum(cell.get("seeds", grid["seeds"]) for cell in trained)
     assert f"{expected} runs, {expected} to do" in out
     assert "--split imbalanced-2 --loss focal --gamma 2 --alpha 0.5" in out
+    assert "--tune-threshold" not in out and "--posthoc-la" not in out  # both are chosen on the dev split now
+    reports = {c["id"]: c.get("report", "last_epoch") for c in grid["cells"]}
+    assert reports["imbalanced-2/ce-dev-selected"] == "dev_selected_checkpoint"
+    assert reports["imbalanced-2/ce-tuned"] == "dev_tuned_threshold"
+    assert reports["imbalanced-2/ce-posthoc-la"] == "posthoc_la"
+    assert grid["baselines"] == {
+        "balanced": "balanced/ce",
+        "imbalanced-1": "imbalanced-1/ce",
+        "imbalanced-2": "imbalanced-2/ce",
+    }
+    assert "optimistic" not in GRID.read_text()
+
+
+def test_protocol_slice_grid_plans_six_runs(capsys):
+    slice_grid = GRID.parent / "protocol_slice.yaml"
+    assert case_study.main(["--grid", str(slice_grid), "--data-dir", "somewhere", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "6 runs, 6 to do, 5 cells" in out
+    assert "--backbone resnet10t --epochs 12 --lr 0.002 --batch-size 64 --cache --num-workers 1" in out
+    assert "--image-size 64 --scale 0.2" in out
+    grid = load_grid(slice_grid)
+    assert grid.name == "petimages-96-slice" and grid.baselines == {"imbalanced-2": "imbalanced-2/ce"}
+    assert sorted(c.report for c in grid.cells if c.runs_of) == sorted(REPORTS[1:])
 
 
 def test_only_filters_and_bad_grids_are_errors(tmp_path, capsys):
@@ -43,6 +76,7 @@ def write_grid(path: Path, second_flags: dict) -> Path:
         "name": "tiny",
         "defaults": {"backbone": "test_resnet", "epochs": 1, "image_size": 32},
         "seeds": 2,
+        "baselines": {"digits": "digits/ce"},
         "cells": [
             {
                 "id": "digits/ce",
@@ -52,6 +86,13 @@ def write_grid(path: Path, second_flags: dict) -> Path:
                 "lecture": {"f1": 0.5, "cats": 10, "dogs": 20},
             },
             {"id": "digits/weighted", "data": "digits", "method": "weighted", "flags": second_flags},
+            {
+                "id": "digits/ce-tuned",
+                "data": "digits",
+                "method": "plain CE + dev-tuned threshold",
+                "runs_of": "digits/ce",
+                "report": "dev_tuned_threshold",
+            },
         ],
     }
     path.write_text(yaml.safe_dump(grid))
@@ -74,12 +115,271 @@ def test_tiny_grid_runs_resumes_and_tabulates(tmp_path, capsys):
     assert out.count("done, skipped") == 2
     assert {p: p.stat().st_mtime_ns for p in first.glob("seed*/summary.json")} == stamps
     rows = list(csv.DictReader((tmp_path / "res" / "table.csv").open()))
-    assert [r["id"] for r in rows] == ["digits/ce", "digits/weighted"]
-    assert all(r["seeds"] == "2" and r["failed"] == "0" for r in rows)
-    assert all(0 <= float(r["f1_mean"]) <= 1 and float(r["f1_std"]) >= 0 for r in rows)
+    assert [r["id"] for r in rows] == ["digits/ce", "digits/weighted", "digits/ce-tuned", "digits/no-skill"]
+    trained = rows[:3]
+    assert all(r["seeds"] == "2" and r["failed"] == "0" for r in trained)
+    assert all(0 <= float(r["f1_mean"]) <= 1 and float(r["f1_std"]) >= 0 for r in trained)
+    assert all(r["vs_no_skill"] == "n<3" and r["f1_low"] == "" for r in trained)  # 2 seeds: no interval
     table = (tmp_path / "res" / "table.md").read_text()
     assert "± " in table and "| digits | plain CE | 2 |" in table and "| 0.5 | 10 / 20 |" in table
+    assert "all-cat predictor (no skill)" in table and "(n<3)" in table
     assert (tmp_path / "res" / "table.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- the table on fake run folders
+
+FAKE_GRID = {
+    "name": "fake",
+    "seeds": 3,
+    "baselines": {"d1": "d1/ce", "d2": "d2/ce"},
+    "cells": [  # the data sets interleaved: the table groups them
+        {
+            "id": "d1/ce",
+            "data": "d1",
+            "method": "plain CE",
+            "flags": {"loss": "ce"},
+            "lecture": {"f1": 0.9, "cats": 10, "dogs": 20},
+        },
+        {"id": "d2/ce", "data": "d2", "method": "plain CE", "flags": {"loss": "ce", "lr": 0.002}},
+        {"id": "d1/good", "data": "d1", "method": "a good remedy", "flags": {"loss": "weighted"}},
+        {"id": "d1/all-cat", "data": "d1", "method": "calls everything cat", "flags": {"loss": "focal", "gamma": 2}},
+        {
+            "id": "d1/ce-tuned",
+            "data": "d1",
+            "method": "CE, dev-tuned",
+            "runs_of": "d1/ce",
+            "report": "dev_tuned_threshold",
+        },
+        {"id": "d2/good", "data": "d2", "method": "a good remedy", "flags": {"loss": "weighted", "lr": 0.002}},
+    ],
+}
+FAKE_KINDS = {"d1/ce": "weak", "d2/ce": "weak", "d1/good": "good", "d1/all-cat": "all-cat", "d2/good": "good"}
+ORDER = ["d1/ce", "d1/good", "d1/all-cat", "d1/ce-tuned", "d1/no-skill", "d2/ce", "d2/good", "d2/no-skill"]
+
+
+def validation_photos(seed: int, photos: int) -> tuple[list[str], np.ndarray]:
+    """The validation set of a seed (the same for every method at that seed), sorted by path."""
+    rng = np.random.default_rng(1000 + seed)
+    labels = np.zeros(photos, dtype=int)
+    labels[rng.permutation(photos)[: photos // 2]] = 1
+    return [f"val/s{seed}_{i:04d}.jpg" for i in range(photos)], labels
+
+
+def fake_probs(kind: str, labels: np.ndarray, key: str) -> np.ndarray:
+    u = np.random.default_rng(zlib.crc32(key.encode())).random(len(labels))
+    if kind == "all-cat":
+        return 0.9 + 0.05 * u
+    return (0.6 if kind == "good" else 0.25) * labels + (0.4 if kind == "good" else 0.75) * u
+
+
+def result_set(labels: np.ndarray, probs: np.ndarray, column: str, threshold: float, label: str) -> dict:
+    """One entry of summary.json "results", as the run recorder writes it (computed here independently)."""
+    pred = probs > threshold
+    tp, fp = int((pred & (labels == 1)).sum()), int((pred & (labels == 0)).sum())
+    tn, fn = int((~pred & (labels == 0)).sum()), int((~pred & (labels == 1)).sum())
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall, specificity = tp / (tp + fn), tn / (tn + fp)
+    f1 = 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else 0.0
+    f1_neg = 2 * tn / (2 * tn + fn + fp) if 2 * tn + fn + fp else 0.0
+    return {
+        "label": label,
+        "chosen_by": "test",
+        "epoch": 2,
+        "predictions": column,
+        "threshold": threshold,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "specificity": specificity,
+        "accuracy": (tp + tn) / len(labels),
+        "balanced_accuracy": (recall + specificity) / 2,
+        "macro_f1": (f1 + f1_neg) / 2,
+        "mcc": 0.0,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "average_precision": float(average_precision_score(labels, probs)),
+        "auroc": float(roc_auc_score(labels, probs)),
+    }
+
+
+def write_fake_run(run_dir: Path, config: dict, kind: str, photos: int, dev: bool = True) -> None:
+    paths, labels = validation_photos(config["seed"], photos)
+    last = fake_probs(kind, labels, f"{run_dir}/last")
+    selected = fake_probs(kind, labels, f"{run_dir}/selected")
+    results = {"last_epoch": result_set(labels, last, "prob_last", 0.5, "last epoch")}
+    if dev:
+        results["dev_selected_checkpoint"] = result_set(labels, selected, "prob_dev_selected", 0.5, "dev-selected")
+        results["dev_tuned_threshold"] = result_set(labels, last, "prob_last", 0.4, "dev-tuned threshold")
+        results["posthoc_la"] = {**result_set(labels, last, "prob_last", 0.45, "post-hoc LA"), "tau": 1.0}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    columns = ["path", "label", "prob_last"] + (["prob_dev_selected"] if dev else [])
+    with (run_dir / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for i in range(photos):
+            writer.writerow(
+                [paths[i], int(labels[i]), repr(float(last[i]))] + ([repr(float(selected[i]))] if dev else [])
+            )
+    n_pos = int(labels.sum())
+    summary = {
+        "results": results,
+        "class_names": {"negative": "Dog", "positive": "Cat"},
+        "val_counts": {"Dog": photos - n_pos, "Cat": n_pos},
+        "config": config,
+        "wall_time_s": 60.0,
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, default=str))
+    (run_dir / "config.json").write_text(json.dumps(config, default=str))
+
+
+def fake_results(
+    tmp_path: Path, grid: dict = FAKE_GRID, kinds: dict = FAKE_KINDS, photos: int = 40
+) -> tuple[Path, Path]:
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid))
+    loaded = load_grid(grid_file)
+    results = tmp_path / "res"
+    for plan in plan_runs(loaded, loaded.cells, results, {}, None):
+        write_fake_run(plan.run_dir, plan.config, kinds[plan.cell.id], photos)
+    return grid_file, results
+
+
+def table_rows(results: Path) -> dict[str, dict[str, str]]:
+    return {r["id"]: r for r in csv.DictReader((results / "table.csv").open())}
+
+
+def table_only(grid: Path, results: Path) -> int:
+    return case_study.main(["--grid", str(grid), "--results", str(results), "--table-only"])
+
+
+def run_arrays(
+    results: Path, cell: str, column: str = "prob_last", threshold: float = 0.5
+) -> tuple[np.ndarray, np.ndarray]:
+    labels, predicted = [], []
+    for seed in range(3):
+        rows = list(csv.DictReader((results / "runs" / cell / f"seed{seed}" / "predictions.csv").open()))
+        labels.append([int(r["label"]) for r in rows])
+        predicted.append([float(r[column]) > threshold for r in rows])
+    return np.array(labels), np.array(predicted)
+
+
+def test_table_only_on_fake_runs_is_complete_and_deterministic(tmp_path):
+    grid, results = fake_results(tmp_path)
+    assert table_only(grid, results) == 0
+    first = (results / "table.csv").read_bytes()
+    assert table_only(grid, results) == 0
+    assert (results / "table.csv").read_bytes() == first  # fixed bootstrap seed: the same table every time
+    assert (results / "table.png").stat().st_size > 1000
+    rows = table_rows(results)
+    assert list(rows) == ORDER  # grouped by data set in grid order, each ending with its no-skill row
+    markdown = (results / "table.md").read_text()
+    assert "B = 2000 replicates, bootstrap seed 14" in markdown and "Protocol: every decision" in markdown
+    assert "| d1 | plain CE | 3 |" in markdown and "| 0.9 | 10 / 20 |" in markdown
+    assert " / 20 |" in markdown  # correct cats and dogs out of the run's own validation counts
+    ce = rows["d1/ce"]
+    assert ce["baseline"] == "d1/ce" and ce["delta_f1"] == ""  # the baseline has no difference to itself
+    assert "| — |" in markdown
+    assert rows["d1/ce-tuned"]["report"] == "dev_tuned_threshold" and rows["d1/ce-tuned"]["delta_f1"] != ""
+
+
+def test_intervals_and_differences_are_those_of_imbalance_stats(tmp_path):
+    grid, results = fake_results(tmp_path)
+    assert table_only(grid, results) == 0
+    rows = table_rows(results)
+    labels, good = run_arrays(results, "d1/good")
+    _, base = run_arrays(results, "d1/ce")
+    resample = stats.draw(labels, 2000, BOOTSTRAP_SEED)
+    low, high = stats.bootstrap_interval(labels, good, resample, stats.f1_score)
+    assert (float(rows["d1/good"]["f1_low"]), float(rows["d1/good"]["f1_high"])) == pytest.approx((low, high), abs=1e-6)
+    ba_low, _ = stats.bootstrap_interval(labels, good, resample, stats.balanced_accuracy)
+    assert float(rows["d1/good"]["balanced_accuracy_low"]) == pytest.approx(ba_low, abs=1e-6)
+    diff = stats.paired_difference(labels, good, base, resample, stats.f1_score)
+    got = (float(rows["d1/good"][k]) for k in ("delta_f1", "delta_f1_low", "delta_f1_high"))
+    assert tuple(got) == pytest.approx((diff.mean, diff.low, diff.high), abs=1e-6)
+    f1s = stats.f1_score(labels, good)
+    assert float(rows["d1/good"]["f1_mean"]) == pytest.approx(f1s.mean(), abs=1e-6)
+    assert float(rows["d1/good"]["f1_std"]) == pytest.approx(f1s.std(ddof=1), abs=1e-6)  # the sample std
+    assert rows["d1/good"]["delta_seeds"] == "3"
+
+
+def test_no_skill_rows_and_the_all_cat_flag(tmp_path):
+    grid, results = fake_results(tmp_path)
+    assert table_only(grid, results) == 0
+    rows = table_rows(results)
+    no_skill = rows["d1/no-skill"]
+    assert no_skill["method"] == "all-cat predictor (no skill)" and no_skill["kind"] == "no_skill"
+    assert float(no_skill["f1_mean"]) == pytest.approx(2 / 3, abs=1e-6)
+    assert float(no_skill["balanced_accuracy_mean"]) == 0.5 and float(no_skill["average_precision_mean"]) == 0.5
+    assert (no_skill["correct_pos_mean"], no_skill["correct_neg_mean"]) == ("20.000000", "0.000000")
+    assert rows["d1/all-cat"]["vs_no_skill"] == NOT_BETTER  # its F1 interval reaches 0.667, bal. acc. is 0.5
+    assert float(rows["d1/all-cat"]["f1_mean"]) == pytest.approx(2 / 3, abs=1e-6)
+    assert rows["d1/good"]["vs_no_skill"] == BETTER and rows["d2/good"]["vs_no_skill"] == BETTER
+    assert f"| **{NOT_BETTER}** |" in (results / "table.md").read_text()
+
+
+def test_fewer_than_three_seeds_get_no_interval(tmp_path):
+    grid, results = fake_results(tmp_path)
+    shutil.rmtree(results / "runs" / "d2" / "good" / "seed2")
+    assert table_only(grid, results) == 0
+    row = table_rows(results)["d2/good"]
+    assert row["seeds"] == "2" and row["f1_low"] == "" and row["vs_no_skill"] == "n<3"
+    assert row["delta_f1"] != "" and row["delta_f1_low"] == "" and row["delta_seeds"] == "2"
+    assert "(n<3)" in (results / "table.md").read_text()
+
+
+def test_a_run_without_a_dev_split_is_counted_not_averaged(tmp_path):
+    grid, results = fake_results(tmp_path)
+    run = results / "runs" / "d1" / "ce" / "seed0"
+    write_fake_run(run, json.loads((run / "config.json").read_text()), "weak", 40, dev=False)
+    assert table_only(grid, results) == 0
+    rows = table_rows(results)
+    assert rows["d1/ce-tuned"]["seeds"] == "2" and rows["d1/ce-tuned"]["unreported"] == "1"
+    assert rows["d1/ce"]["seeds"] == "3"
+    assert "2 (1 without dev_tuned_threshold)" in (results / "table.md").read_text()
+
+
+def test_different_photos_of_paired_runs_are_a_clear_error(tmp_path, capsys):
+    grid, results = fake_results(tmp_path)
+    predictions = results / "runs" / "d1" / "good" / "seed1" / "predictions.csv"
+    predictions.write_text(predictions.read_text().replace("val/s1_0000.jpg", "val/elsewhere.jpg"))
+    with pytest.raises(SystemExit) as exit_info:
+        table_only(grid, results)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "list different validation photos" in err and "'d1/good'" in err and "'d1/ce'" in err and "seed 1" in err
+
+
+def test_files_that_disagree_are_a_clear_error(tmp_path, capsys):
+    grid, results = fake_results(tmp_path)
+    summary_file = results / "runs" / "d2" / "good" / "seed0" / "summary.json"
+    summary = json.loads(summary_file.read_text())
+    summary["results"]["last_epoch"]["f1"] += 0.01
+    summary_file.write_text(json.dumps(summary))
+    with pytest.raises(SystemExit):
+        table_only(grid, results)
+    err = capsys.readouterr().err
+    assert "f1 recomputed from predictions.csv (prob_last > 0.5)" in err and "rerun it" in err
+    del summary["results"]
+    summary_file.write_text(json.dumps(summary))
+    with pytest.raises(SystemExit):
+        table_only(grid, results)
+    assert "written by an older experiments.run" in capsys.readouterr().err
+
+
+def test_baselines_must_name_a_cell_of_the_same_data(tmp_path):
+    for baselines, message in (
+        ({"d1": "d1/nope"}, "not a cell id"),
+        ({"d1": "d2/ce"}, "a cell of data 'd2'"),
+        ("d1/ce", "must map a data set"),
+    ):
+        (tmp_path / "g.yaml").write_text(yaml.safe_dump({**FAKE_GRID, "baselines": baselines}))
+        with pytest.raises(ConfigError, match=message):
+            load_grid(tmp_path / "g.yaml")
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump({**FAKE_GRID, "baseline": {}}))
+    with pytest.raises(ConfigError, match="unknown top-level keys \\['baseline'\\]"):
+        load_grid(tmp_path / "g.yaml")
 
 
 def test_sweep_file_lists_every_trained_cell():
