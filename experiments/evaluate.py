@@ -1,6 +1,8 @@
 """Evaluate a checkpoint: `python -m experiments.evaluate --checkpoint runs/NAME/checkpoints/best.ckpt
 [--data-dir DIR | --manifest FILE] --out DIR [--threshold T] [--bootstrap 1000]`. Writes metrics.json and
-predictions.csv. Without --data-dir it scores the run's validation split, replayed from its manifest.json."""
+predictions.csv. Without --data-dir it scores the run's validation split, replayed from its manifest.json.
+Besides threshold 0.5 it reports the threshold and the post-hoc logit-adjustment tau tuned on the run's dev
+split (listed in its manifest.json), never on the images it scores."""
 
 from __future__ import annotations
 
@@ -30,7 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
         "RUN/checkpoints/*.ckpt); with --data-dir, its files are read under that folder",
     )
     p.add_argument("--out", type=Path, required=True, help="folder for metrics.json and predictions.csv")
-    p.add_argument("--threshold", type=float, help="also report metrics at this decision threshold on P(positive)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="also report metrics at this decision threshold on P(positive), given by you (the dev-tuned ones are always reported)",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the F1 95%% interval (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--batch-size", type=int, default=128)

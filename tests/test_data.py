@@ -87,10 +87,15 @@ def test_default_split_is_stratified_disjoint_and_skips_bad_files(tmp_path):
     assert split.class_names == ("Dog", "Cat")
     assert len(split.skipped) == 3
     train_paths = {p for p, _ in split.train}
+    dev_paths = {p for p, _ in split.dev}
     val_paths = {p for p, _ in split.val}
-    assert not train_paths & val_paths
-    assert sum(split.train_counts) + sum(split.val_counts) == 22 + 42  # usable images only
-    assert all(label == int(p.startswith("Cat")) for p, label in split.train + split.val)
+    assert not train_paths & val_paths and not train_paths & dev_paths and not dev_paths & val_paths
+    # usable images only, each in exactly one of train, dev and val
+    assert sum(split.train_counts) + sum(split.dev_counts) + sum(split.val_counts) == 22 + 42
+    assert len(train_paths | dev_paths | val_paths) == 22 + 42
+    # the dev split is the default 10% of each training class, rounded up (42 - 5 dogs, 22 - 3 cats train)
+    assert split.val_counts == [5, 3] and split.dev_counts == [4, 2] and split.train_counts == [33, 17]
+    assert all(label == int(p.startswith("Cat")) for p, label in split.train + split.dev + split.val)
 
 
 def test_kaggle_flat_layout(tmp_path):
@@ -102,7 +107,10 @@ def test_kaggle_flat_layout(tmp_path):
     found = discover(tmp_path)  # the wrapper folder is looked through
     assert found.layout == "kaggle" and len(found.files["cat"]) == 6 and len(found.files["dog"]) == 9
     split = load_split(RunConfig(data_dir=tmp_path, train_counts=(4, 7), val_counts=(2, 2)))
-    assert split.train_counts == [7, 4] and split.val_counts == [2, 2]
+    # the asked-for training counts, one photo of each class held out of them as dev (ceil(0.1 * n))
+    assert split.train_counts == [6, 3] and split.dev_counts == [1, 1] and split.val_counts == [2, 2]
+    exact = load_split(RunConfig(data_dir=tmp_path, train_counts=(4, 7), val_counts=(2, 2), dev_fraction=0))
+    assert exact.train_counts == [7, 4] and exact.dev == [] and exact.val == split.val
 
 
 def test_presplit_layout_is_used_as_given(tmp_path):
@@ -111,7 +119,14 @@ def test_presplit_layout_is_used_as_given(tmp_path):
     make_class_tree(root / "validation", {"cat": 3, "dog": 4})
     split = load_split(RunConfig(data_dir=root))
     assert split.layout == "presplit"
-    assert split.train_counts == [8, 5] and split.val_counts == [4, 3]
+    # validation/ as given; the dev split is carved out of train/ (ceil(0.1 * n) of each class)
+    assert split.train_counts == [7, 4] and split.dev_counts == [1, 1] and split.val_counts == [4, 3]
+    assert all(p.startswith("train/") for p, _ in split.train + split.dev)
+    assert all(p.startswith("validation/") for p, _ in split.val)
+    assert not {p for p, _ in split.train} & {p for p, _ in split.dev}
+    exact = load_split(RunConfig(data_dir=root, dev_fraction=0))
+    assert exact.train_counts == [8, 5] and exact.dev == [] and exact.val == split.val
+    assert sorted(exact.train) == sorted(split.train + split.dev)
     with pytest.raises(DataError, match="used as given"):
         load_split(RunConfig(data_dir=root, split="imbalanced-1", scale=0.001))
 
@@ -143,17 +158,26 @@ def test_presets_share_validation_and_nest_training_sets(big_pool):
         name: load_split(RunConfig(data_dir=big_pool, split=name, scale=0.008, seed=1))
         for name in ("balanced", "imbalanced-1", "imbalanced-2", "intro-balanced")
     }
-    # 1500 -> 12 per class for validation; 11000 -> 88, 1000 -> 8, 500 -> 4, 6000 -> 48
-    assert splits["balanced"].train_counts == [88, 88]
-    assert splits["imbalanced-1"].train_counts == [88, 8]
-    assert splits["imbalanced-2"].train_counts == [88, 4]
-    assert splits["intro-balanced"].train_counts == [48, 48]
+    # 1500 -> 12 per class for validation; 11000 -> 88, 1000 -> 8, 500 -> 4, 6000 -> 48 for training, of which
+    # the dev split holds ceil(0.1 * n): 9, 1, 1 and 5
+    assert splits["balanced"].train_counts == [79, 79] and splits["balanced"].dev_counts == [9, 9]
+    assert splits["imbalanced-1"].train_counts == [79, 7] and splits["imbalanced-1"].dev_counts == [9, 1]
+    assert splits["imbalanced-2"].train_counts == [79, 3] and splits["imbalanced-2"].dev_counts == [9, 1]
+    assert splits["intro-balanced"].train_counts == [43, 43] and splits["intro-balanced"].dev_counts == [5, 5]
     vals = {name: s.val for name, s in splits.items()}
     assert all(v == vals["balanced"] for v in vals.values()) and splits["balanced"].val_counts == [12, 12]
     cats = {name: {p for p, label in s.train if label == 1} for name, s in splits.items()}
     assert cats["imbalanced-2"] < cats["imbalanced-1"] < cats["intro-balanced"] < cats["balanced"]
+    dev_cats = {name: {p for p, label in s.dev if label == 1} for name, s in splits.items()}
+    assert dev_cats["imbalanced-2"] <= dev_cats["imbalanced-1"] < dev_cats["intro-balanced"] < dev_cats["balanced"]
+    dogs = {
+        name: ({p for p, label in s.train if label == 0}, {p for p, label in s.dev if label == 0})
+        for name, s in splits.items()
+    }
+    assert dogs["balanced"] == dogs["imbalanced-1"] == dogs["imbalanced-2"]  # the same 79 + 9 dogs in each
     for s in splits.values():
-        assert not {p for p, _ in s.train} & {p for p, _ in s.val}
+        train, dev, val = ({p for p, _ in part} for part in (s.train, s.dev, s.val))
+        assert not train & val and not train & dev and not dev & val
 
 
 def test_split_depends_on_seed_only(big_pool):
@@ -186,7 +210,8 @@ def test_manifest_replays_exactly_and_detects_edits(big_pool, tmp_path):
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(split.manifest()))
     replay = load_split(RunConfig(manifest=path))
-    assert replay.train == split.train and replay.val == split.val
+    assert replay.train == split.train and replay.dev == split.dev and replay.val == split.val
+    assert replay.dev  # the default dev split travels in the manifest
     edited = json.loads(path.read_text())
     edited["train"].pop()
     path.write_text(json.dumps(edited))
@@ -213,10 +238,19 @@ def test_decode_once_cache_matches_the_uncached_pipeline(tmp_path):
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
     plain = ImbalanceDataModule(split, 24, mean, std, batch_size=5)
     cached = ImbalanceDataModule(split, 24, mean, std, batch_size=5, cache=True)
-    assert cached.val_set.cache_path is not None
-    batches = zip(plain.val_dataloader(), cached.val_dataloader(), strict=True)
-    for (x_plain, y_plain, i_plain), (x_cached, y_cached, i_cached) in batches:
-        assert torch.equal(x_plain, x_cached) and torch.equal(y_plain, y_cached) and torch.equal(i_plain, i_cached)
+    assert cached.val_set.cache_path is not None and cached.dev_set.cache_path is not None
+    # two evaluation loaders, validation then dev, each the same batches with and without the cache
+    plain_loaders, cached_loaders = plain.val_dataloader(), cached.val_dataloader()
+    assert len(plain_loaders) == len(cached_loaders) == 2
+    for plain_loader, cached_loader, items in zip(plain_loaders, cached_loaders, (split.val, split.dev), strict=True):
+        seen = 0
+        for (x_plain, y_plain, i_plain), (x_cached, y_cached, i_cached) in zip(
+            plain_loader, cached_loader, strict=True
+        ):
+            assert torch.equal(x_plain, x_cached) and torch.equal(y_plain, y_cached)
+            assert torch.equal(i_plain, i_cached)
+            seen += len(y_plain)
+        assert seen == len(items)
     # training: the cache holds the deterministic base the random crop starts from
     base = np.load(cached.train_set.cache_path, mmap_mode="r")
     assert base.shape == (len(split.train), 3, 28, 28) and base.dtype == np.uint8
@@ -242,8 +276,10 @@ def test_cache_needs_photos():
 def test_scale_applies_to_the_default_split(big_pool):
     full = load_split(RunConfig(data_dir=big_pool, seed=0))
     tenth = load_split(RunConfig(data_dir=big_pool, seed=0, scale=0.1))
-    assert sum(full.train_counts) + sum(full.val_counts) == 250
-    assert tenth.train_counts[1] + tenth.val_counts[1] == 12 and tenth.train_counts[0] + tenth.val_counts[0] == 13
+    assert sum(full.train_counts) + sum(full.dev_counts) + sum(full.val_counts) == 250
+    assert tenth.train_counts[1] + tenth.dev_counts[1] + tenth.val_counts[1] == 12
+    assert tenth.train_counts[0] + tenth.dev_counts[0] + tenth.val_counts[0] == 13
+    assert tenth.dev_counts == [2, 2]  # ceil(0.1 * 11) of the 11 training photos of each class
 
 
 def test_scale_alone_is_rejected_on_the_presplit_layout(tmp_path):
@@ -264,9 +300,15 @@ def _v1_manifest(split) -> dict:
 def test_manifest_hash_covers_class_names_and_layout(big_pool, tmp_path):
     split = load_split(RunConfig(data_dir=big_pool, split="imbalanced-2", scale=0.008, seed=4))
     manifest = split.manifest()
-    assert manifest["version"] == 2
+    assert manifest["version"] == 3 and manifest["dev"]
     path = tmp_path / "manifest.json"
-    for key, value in (("class_names", ["Cat", "Dog"]), ("layout", "imagefolder")):
+    edits = (
+        ("class_names", ["Cat", "Dog"]),
+        ("layout", "imagefolder"),
+        ("dev", manifest["dev"][1:]),  # version 3 hashes the dev list too
+        ("dev", []),
+    )
+    for key, value in edits:
         path.write_text(json.dumps({**manifest, key: value}))
         with pytest.raises(DataError, match="sha256"):
             load_split(RunConfig(manifest=path))

@@ -377,11 +377,13 @@ def test_manifest_with_split_options_is_refused_for_the_manifest_reason(extra, t
 
 
 def test_training_count_modulo_batch_of_one_trains(tmp_path):
-    tree = make_class_tree(tmp_path / "pets", {"Cat": 5, "Dog": 6}, size=(16, 16))  # train 4 + 5 = 9
+    # val 1 + 1, dev 1 + 1 (ceil(0.1 * n) of each class's training photos), train 4 + 5 = 9 = 2 * 4 + 1
+    tree = make_class_tree(tmp_path / "pets", {"Cat": 6, "Dog": 7}, size=(16, 16))
     args = [*TINY, "--data-dir", str(tree), "--epochs", "1", "--batch-size", "4", "--out", "runs/odd"]
     assert run_cli.main(args) == 0
     summary = json.loads((tmp_path / "runs" / "odd" / "summary.json").read_text())
-    assert sum(summary["train_counts"].values()) == 9 and summary["epochs_completed"] == 1
+    assert summary["train_counts"] == {"Cat": 4, "Dog": 5} and summary["dev_counts"] == {"Cat": 1, "Dog": 1}
+    assert summary["epochs_completed"] == 1
 
 
 def _digits_split(n_train: int, n_val: int) -> SplitData:

@@ -33,7 +33,8 @@ from imbalance.io import RunLock
 from imbalance.metrics import best_f1_threshold, confusion_metrics
 
 TINY = ["--backbone", "test_resnet", "--image-size", "32", "--logger", "none", "--num-workers", "0"]
-FAST = [*TINY, "--batch-size", "128"]  # the embedded digits: 11 training steps per epoch
+# the embedded digits: 1,212 training digits after the default dev split, 10 training steps per epoch
+FAST = [*TINY, "--batch-size", "128"]
 
 
 def error_of(args: list[str], capsys, code: int = 2) -> str:
@@ -300,7 +301,7 @@ def test_a_non_finite_training_loss_stops_the_run(tmp_path, capsys, monkeypatch,
 
 
 def test_a_loss_turning_nan_later_keeps_the_last_good_epoch(tmp_path, capsys, monkeypatch):
-    break_backbone(monkeypatch, after=11 + 2)  # epoch 0 has 11 training steps
+    break_backbone(monkeypatch, after=10 + 2)  # epoch 0 has 10 training steps
     message = error_of([*FAST, "--epochs", "3", "--out", "late"], capsys)
     assert "became nan at epoch 1, batch 2" in message and "keeps epoch 0, the last completed one" in message
     run_dir = tmp_path / "late"
@@ -323,16 +324,22 @@ def nan_validation_metrics(value: float) -> dict[str, float]:
     images, labels = torch.randn(10, 3, 32, 32), torch.tensor([0, 1] * 5)
     loader = torch.utils.data.DataLoader(list(zip(images, labels, torch.arange(10), strict=True)), batch_size=4)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.warns(UserWarning, match="validation probabilities are NaN or infinite"):
-        trainer.validate(module, loader, verbose=False)
+    with pytest.warns(UserWarning) as caught:
+        trainer.validate(module, [loader, loader], verbose=False)  # the two evaluation loaders: val, then dev
+    said = [str(w.message) for w in caught]
+    for stage in ("val", "dev"):
+        warning = f"10 of 10 {stage} probabilities are NaN or infinite; this epoch's {stage} metrics are NaN"
+        assert any(warning in line for line in said), (stage, said)
     return {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_validation_outputs_are_never_reported_as_metrics(value):
     metrics = nan_validation_metrics(value)
-    for key in ("val/auroc", "val/average_precision", "val/f1", "val/precision", "val/accuracy", "val/tn"):
-        assert math.isnan(metrics[key]), (key, metrics[key])
+    for stage in ("val", "dev"):
+        for name in ("auroc", "average_precision", "f1", "precision", "accuracy", "tn"):
+            key = f"{stage}/{name}"
+            assert math.isnan(metrics[key]), (key, metrics[key])
     labels, probs = [0, 1, 1, 0], [0.2, float("nan"), 0.9, 0.1]
     assert all(math.isnan(v) for k, v in confusion_metrics(labels, probs, 0.5).items() if k != "threshold")
     assert math.isnan(best_f1_threshold(labels, probs))
@@ -340,11 +347,18 @@ def test_non_finite_validation_outputs_are_never_reported_as_metrics(value):
 
 def test_a_run_whose_validation_outputs_are_nan_records_nan(tmp_path, monkeypatch):
     break_backbone(monkeypatch, eval_only=True)
-    assert run_cli.main([*FAST, "--epochs", "2", "--tune-threshold", "--out", "evalnan"]) == 0
-    for row in read_csv(tmp_path / "evalnan" / "metrics.csv"):
+    assert run_cli.main([*FAST, "--epochs", "2", "--out", "evalnan"]) == 0
+    history = read_csv(tmp_path / "evalnan" / "metrics.csv")
+    assert len(history) == 2
+    for row in history:
         assert row["val/auroc"] == "nan" and row["val/f1"] == "nan" and row["train/f1"] != "nan"
+        assert row["dev/auroc"] == "nan" and row["dev/f1"] == "nan"
     summary = json.loads((tmp_path / "evalnan" / "summary.json").read_text())
-    assert math.isnan(summary["at_threshold_0.5"]["f1"]) and math.isnan(summary["tuned_threshold"]["f1"])
+    results = summary["results"]
+    assert set(results) == {"last_epoch", "dev_selected_checkpoint", "dev_tuned_threshold", "posthoc_la"}
+    for name, result in results.items():  # no result set, however its rule was chosen, reports a number
+        for key in ("f1", "precision", "recall", "balanced_accuracy", "auroc", "average_precision"):
+            assert math.isnan(result[key]), (name, key, result[key])
     assert summary["pictures"] == []
 
 
