@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dev-fraction",
         type=float,
         default=0.1,
-        help="share of each training class held out as the dev split (stratified, seeded, nested across presets), "
+        help="share of each training class held out as the dev split (ceil(F n) of a class of n photos, so at least "
+        "one per class for any F > 0; stratified, seeded, nested across presets), "
         "on which every decision is made: the best.ckpt epoch, the decision threshold (tuned for F1 with the dev "
         "photos weighted to the validation set's class prior), the post-hoc tau. The validation set is only "
         "reported. 0 trains on the lecture's exact counts and makes no dev-based decision",
@@ -133,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="TAU",
         help="post-hoc logit adjustment z - TAU*log(train prior) with this fixed TAU; by default TAU is tuned on the "
-        "dev split (the grid 0, 0.1, ..., 3 maximising dev balanced accuracy)",
+        "dev split (the grid 0, 0.1, ..., 3 maximising dev balanced accuracy), and with --dev-fraction 0 and no "
+        "TAU nothing is adjusted",
     )
     o = p.add_argument_group("optimisation")
     o.add_argument(

@@ -189,8 +189,6 @@ class RunConfig:
         # --manifest needs no --data-dir: the manifest says where its data is (a folder, or the embedded digits)
         if self.manifest is not None and (self.split or self.train_counts or self.val_counts or self.scale != 1):
             fail("--manifest replays a saved split exactly; drop --split/--train-counts/--val-counts/--scale")
-        if self.manifest is not None and self.dev_fraction != 0.1:
-            fail("--manifest replays a saved split, its dev part included; drop --dev-fraction")
         if self.data_dir is None and (self.split or self.train_counts or self.val_counts):
             fail(
                 "--split, --train-counts and --val-counts choose photos from --data-dir; "
@@ -283,6 +281,15 @@ class RunConfig:
                 value = list(value)
             out[f.name] = value
         return out
+
+    @classmethod
+    def from_stored(cls, values: dict[str, Any]) -> RunConfig:
+        """A configuration a run stored (config.json, summary.json): `from_dict`, with the values that a run
+        of an earlier version used for options it did not have yet (a run from before the dev split trained on
+        its whole training split: dev_fraction 0)."""
+        if isinstance(values, dict) and "dev_fraction" not in values:
+            values = {**values, "dev_fraction": 0.0}
+        return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:

@@ -93,6 +93,7 @@ class SplitData:
     layout: str = "embedded"
     # held out of the training data for decisions (checkpoint, threshold, tau); empty with --dev-fraction 0
     dev: list[tuple[str, int]] = field(default_factory=list)
+    dev_fraction: float = 0.0  # what `dev` was carved with (recorded in the manifest; not part of its hash)
 
     @property
     def train_counts(self) -> list[int]:
@@ -120,7 +121,8 @@ class SplitData:
             "dev": [list(item) for item in self.dev],
             "val": [list(item) for item in self.val],
         }
-        return {"version": MANIFEST_VERSION, "sha256": manifest_digest(body, MANIFEST_VERSION), **body}
+        digest = manifest_digest(body, MANIFEST_VERSION)
+        return {"version": MANIFEST_VERSION, "sha256": digest, "dev_fraction": self.dev_fraction, **body}
 
 
 MANIFEST_VERSION = 3
@@ -545,9 +547,10 @@ def _check_class_sizes(
         n = len(usable[name])
         note = _scan_note(found.files[name], bad, found.root)
         if counts is None:
-            if n < 2:
+            needed, parts = (3, "1 train + 1 dev + 1 val") if cfg.dev_fraction else (2, "1 train + 1 val")
+            if n < needed:
                 raise DataError(
-                    f"class {name!r} has {images(n)} but a split needs at least 2 per class (1 train + 1 val){note}"
+                    f"class {name!r} has {images(n)} but a split needs at least {needed} per class ({parts}){note}"
                 )
             continue
         n_train, n_val = counts[0][1 - label], counts[1][1 - label]
@@ -578,8 +581,8 @@ def dev_positions(n: int, fraction: float) -> np.ndarray:
     through the permutation, and the first n' < n positions hold exactly the dev photos of a class of n', so the
     dev sets are nested across presets like the training sets (imbalanced-2's dev cats are among imbalanced-1's).
     The fraction is taken as the decimal it was written as (0.1 is 1/10 exactly, not 0.1000000000000000055)."""
-    f = Fraction(str(fraction))
-    m = np.arange(n + 1, dtype=np.int64)
+    f = Fraction(str(fraction)).limit_denominator(10**6)  # 0.30000000000000004 (0.1 * 3) is 3/10
+    m = np.arange(n + 1, dtype=np.int64)  # m * numerator stays far below 2**63 for any real class size
     held_among_first = -((-m * f.numerator) // f.denominator)  # ceil(m f) in integers, exactly
     return np.diff(held_among_first) > 0
 
@@ -590,9 +593,15 @@ def _carve_dev(
     """(train, dev) of one class's training photos, given in their permutation order."""
     held = dev_positions(len(items), fraction)
     if fraction and held.all():
+        hint = (
+            "any --dev-fraction above 0 holds out at least one image per class: use more training images, or "
+            "--dev-fraction 0"
+            if len(items) == 1
+            else "use a smaller --dev-fraction, more training images, or --dev-fraction 0"
+        )
         raise DataError(
             f"--dev-fraction {fraction:g} holds out all {len(items)} training images of class {name!r}, leaving "
-            "none to train on; use a smaller --dev-fraction, more training images, or --dev-fraction 0"
+            f"none to train on; {hint}"
         )
     train = [(p, label) for p, dev in zip(items, held, strict=True) if not dev]
     dev = [(p, label) for p, dev in zip(items, held, strict=True) if dev]
@@ -673,7 +682,7 @@ def load_split(cfg: RunConfig) -> SplitData:
         _check_class_sizes(found, class_names, files, cfg, bad)
         train, dev, val = draw_split(files, class_names, split_counts(cfg), cfg.seed, cfg.scale, cfg.dev_fraction)
     source = f"{found.layout} photos in {found.root}"
-    return SplitData(source, class_names, train, val, found.root, skipped, found.layout, dev)
+    return SplitData(source, class_names, train, val, found.root, skipped, found.layout, dev, cfg.dev_fraction)
 
 
 def _split_options(cfg: RunConfig) -> list[str]:
@@ -752,14 +761,18 @@ def read_manifest(path: Path, what: str = "--manifest") -> dict:
 
 
 def load_manifest(
-    path: Path, data_dir: Path | None = None, parts: Sequence[str] = ("train", "val"), what: str = "--manifest"
+    path: Path, data_dir: Path | None = None, parts: Sequence[str] = ("train", "dev", "val"), what: str = "--manifest"
 ) -> SplitData:
     """Replay a manifest written by an earlier run, under `data_dir` if given (else the manifest's root)."""
     return split_from_manifest(path, read_manifest(path, what), data_dir, parts, what)
 
 
 def split_from_manifest(
-    path: Path, manifest: dict, data_dir: Path | None, parts: Sequence[str] = ("train", "val"), what: str = "--manifest"
+    path: Path,
+    manifest: dict,
+    data_dir: Path | None,
+    parts: Sequence[str] = ("train", "dev", "val"),
+    what: str = "--manifest",
 ) -> SplitData:
     """The split of a checked manifest (see `read_manifest`). The files of `parts` must still exist and pass
     the integrity scan: a split is replayed as it was or refused, never silently changed. Evaluation checks
@@ -791,7 +804,16 @@ def split_from_manifest(
             "the folder changed since the run: restore the file"
         )
     source = f"manifest {path} over {root}"
-    return SplitData(source, tuple(manifest["class_names"]), train, val, root, [], manifest["layout"], dev)  # type: ignore[arg-type]
+    fraction = _manifest_dev_fraction(manifest, dev)
+    return SplitData(source, tuple(manifest["class_names"]), train, val, root, [], manifest["layout"], dev, fraction)  # type: ignore[arg-type]
+
+
+def _manifest_dev_fraction(manifest: dict, dev: list) -> float:
+    """The --dev-fraction a manifest's dev list was carved with (0 for one without a dev list)."""
+    value = manifest.get("dev_fraction")
+    if not dev:
+        return 0.0
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
 
 
 def _embedded_manifest(path: Path, manifest: dict, train: list, dev: list, val: list, what: str) -> SplitData:
@@ -807,6 +829,7 @@ def _embedded_manifest(path: Path, manifest: dict, train: list, dev: list, val: 
         raise DataError(f"{what} {path}: {wrong[0][0]} with label {wrong[0][1]} is not one of the embedded digits")
     split.source = f"{EMBEDDED_NAME}, split replayed from manifest {path}"
     split.train, split.dev, split.val = train, dev, val
+    split.dev_fraction = _manifest_dev_fraction(manifest, dev)
     return split
 
 
@@ -831,7 +854,7 @@ def embedded_digits(seed: int, dev_fraction: float = 0.0) -> SplitData:
     val_n = {name: round(0.25 * n) for name, n in counts.items()}
     split_sizes = ((counts["8"] - val_n["8"], counts["not-8"] - val_n["not-8"]), (val_n["8"], val_n["not-8"]))
     train, dev, val = draw_split(ids, ("not-8", "8"), split_sizes, seed, dev_fraction=dev_fraction)
-    return SplitData(EMBEDDED_NAME, ("not-8", "8"), train, val, dev=dev)
+    return SplitData(EMBEDDED_NAME, ("not-8", "8"), train, val, dev=dev, dev_fraction=dev_fraction)
 
 
 # ------------------------------------------------------------------------------------------- datasets

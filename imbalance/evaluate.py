@@ -21,7 +21,6 @@ from torch.utils.data import DataLoader
 
 from imbalance.config import RunConfig
 from imbalance.data import (
-    MANIFEST_VERSION,
     DataError,
     ImageDataset,
     discover,
@@ -147,7 +146,7 @@ def run_manifest(checkpoint: Path, hparams: dict[str, Any], manifest: Path | Non
             "the split the checkpoint was trained on",
             file=sys.stderr,
         )
-    elif (actual := manifest_digest(content, MANIFEST_VERSION)) != expected:  # a checkpoint holds a current hash
+    elif (actual := manifest_digest(content, content["version"])) != expected:  # the hash of the run's own version
         raise DataError(
             f"{what} {path} (sha256 {actual[:12]}) is not the split this checkpoint was trained on "
             f"(sha256 {expected[:12]}); pass that run's manifest.json, or --data-dir DIR to evaluate a folder"
@@ -266,7 +265,8 @@ def evaluate(
         backbone, found, hparams, None if evaluates_folder else data_dir, batch_size, num_workers
     )
     cfg = hparams["config"]
-    rules = dev_decisions({"label": labels}, dev, list(hparams["class_counts"]), cfg.get("posthoc_la"))
+    target = "the evaluated images" if evaluates_folder else "the validation set"
+    rules = dev_decisions({"label": labels}, dev, list(hparams["class_counts"]), cfg.get("posthoc_la"), target)
     chosen = [
         ("threshold_0.5", "threshold 0.5", "nothing: the default threshold 0.5", 0.5, {}),
         *(
@@ -301,6 +301,16 @@ def evaluate(
     }
     if dev is None:
         metrics["note"] = dev_source
+    elif evaluates_folder:  # the run's own photos: scoring them again scores what it trained and tuned on
+        path, content, _ = found  # type: ignore[misc]
+        seen = {p for p, _ in content["train"]} | {p for p, _ in content["dev"]}
+        reused = sum(p in seen for p, _ in items)
+        if reused and Path(content["root"] or "").resolve() == Path(root).resolve():
+            metrics["note"] = (
+                f"{reused} of the {len(items)} evaluated images are the run's own training or dev photos "
+                f"(listed in {path}): these numbers are not held-out; evaluate the run's validation split "
+                "(no --data-dir) or a folder of new photos"
+            )
     decision = 0.5 if threshold is None else threshold
     buffer = io.StringIO()
     writer = csv.writer(buffer)

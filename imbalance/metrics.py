@@ -261,6 +261,7 @@ def dev_decisions(
     dev: dict[str, np.ndarray] | None,
     train_counts: list[int],
     fixed_tau: float | None = None,
+    target: str = "the validation set",
 ) -> dict[str, dict[str, Any]]:
     """The decision rules of one model, read from its dev predictions only (`dev`: {"label", "prob"}, None
     without a dev split), as {"dev_tuned_threshold" | "posthoc_la": {"threshold", "chosen_by", ...}}: the
@@ -273,11 +274,15 @@ def dev_decisions(
         val_counts = [int((val["label"] == 0).sum()), int((val["label"] == 1).sum())]
         weights = prior_weights(dev_counts, val_counts)
         t = best_f1_threshold(dev["label"], dev["prob"], weights)
+        corrected = min(dev_counts) > 0 and min(val_counts) > 0
         out["dev_tuned_threshold"] = {
             "threshold": t,
             "chosen_by": (
-                "the threshold maximising F1 on the dev split, its samples weighted to the validation set's class "
-                f"prior (weights negative {weights[0]:.4g}, positive {weights[1]:.4g})"
+                f"the threshold maximising F1 on the dev split, its samples weighted to {target}'s class prior "
+                f"(weights negative {weights[0]:.4g}, positive {weights[1]:.4g})"
+                if corrected
+                else "the threshold maximising F1 on the dev split, uncorrected (a class is missing on dev or in "
+                f"{target}, so there is no prior to correct to)"
             ),
             "dev_prior_threshold": best_f1_threshold(dev["label"], dev["prob"]),  # uncorrected, for comparison
         }

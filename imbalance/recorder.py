@@ -106,11 +106,16 @@ class RunRecorder(Checkpoint):
         def arrays(predictions: dict | None) -> dict[str, dict[str, np.ndarray]] | None:
             if predictions is None:
                 return None
+            if "prob" in predictions:  # a run from before the dev split kept its val predictions alone
+                predictions = {"val": predictions}
             return {stage: {k: np.asarray(v) for k, v in p.items()} for stage, p in predictions.items()}
 
         self.history, self.pending, self.best = state["history"], state["pending"], state["best"]
         self.best_predictions = arrays(state.get("best_predictions"))
         self.last_predictions = arrays(state.get("last_predictions"))
+        if self.best is not None and "dev" not in (self.best_predictions or {}):
+            # chosen without a dev split (by an earlier version, on val F1): not a dev-selected epoch
+            self.best, self.best_predictions = None, None
         self.last_epoch = state.get("last_epoch")
         self.last_saved_epoch = self.history[-1]["epoch"] if self.history else None
         self.previous_wall_time = state["wall_time"]

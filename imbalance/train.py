@@ -40,7 +40,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from imbalance.config import ConfigError, RunConfig, comparable
-from imbalance.data import ImbalanceDataModule, SplitData, default_image_size, load_split
+from imbalance.data import ImbalanceDataModule, SplitData, default_image_size, load_manifest, load_split
 from imbalance.io import RunDirLocked, RunLock, atomic_write_json, atomic_write_text
 from imbalance.losses import build_loss
 from imbalance.model import ImbalanceClassifier, NonFiniteLossError, create_backbone
@@ -119,10 +119,7 @@ def resumed_config(cfg: RunConfig, given: Iterable[str] | None = None) -> RunCon
     _, run_dir = resolve_run(cfg)
     stored_file = run_dir / "config.json"
     try:
-        values = json.loads(stored_file.read_text())
-        if isinstance(values, dict) and "dev_fraction" not in values:
-            values["dev_fraction"] = 0.0  # a run from before the dev split trained on the whole training split
-        stored = RunConfig.from_dict(values)
+        stored = RunConfig.from_stored(json.loads(stored_file.read_text()))
     except (OSError, json.JSONDecodeError, ConfigError, TypeError) as error:
         raise ConfigError(f"--resume: cannot read the run's configuration {stored_file} ({error})") from error
     defaults, asked, kept = RunConfig().to_dict(), comparable(cfg.to_dict()), comparable(stored.to_dict())
@@ -582,7 +579,17 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
     failed = True
     try:
         with _StopSignals() as signals:
-            split = load_split(cfg)
+            if cfg.manifest is not None and given is not None and "dev_fraction" in set(given):
+                raise ConfigError("--manifest replays a saved split, its dev part included; drop --dev-fraction")
+            # a resumed run continues on the split it was trained on, replayed from its manifest (a folder that
+            # changed since would redraw train and dev, and move photos it trained on into dev)
+            split = (
+                load_manifest(run_dir / "manifest.json", cfg.data_dir, what="--resume: the run's manifest")
+                if cfg.resume
+                else load_split(cfg)
+            )
+            if cfg.manifest is not None or cfg.resume:  # record the fraction the replayed split was made with
+                cfg = replace(cfg, dev_fraction=split.dev_fraction)
             if cfg.data_dir is not None:  # stored resolved: the run resumes and evaluates from any directory
                 cfg = replace(cfg, data_dir=Path(cfg.data_dir).resolve())
             if split.root is not None:
@@ -609,7 +616,7 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
                 check_checkpoint_fits(module, shapes, ckpt_path)
             folder.take()
             if not cfg.fast_dev_run:
-                _write_run_files(run_dir, cfg, split)
+                _write_run_files(run_dir, cfg, split, manifest=not cfg.resume)  # a resumed run keeps its manifest
             say(
                 f"run {run_name}: {cfg.backbone}, loss {cfg.loss}, {hw['devices'] * hw['num_nodes']} x {hw['accelerator']}, "
                 f"{cfg.epochs} epochs, directory {run_dir}"
@@ -672,10 +679,11 @@ def _stopped_message(name: str, cfg: RunConfig, recorder: RunRecorder | None, re
 
 
 @rank_zero_only
-def _write_run_files(run_dir: Path, cfg: RunConfig, split: SplitData) -> None:
+def _write_run_files(run_dir: Path, cfg: RunConfig, split: SplitData, manifest: bool = True) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run_dir / "config.json", cfg.to_dict())
-    atomic_write_json(run_dir / "manifest.json", split.manifest())
+    if manifest:
+        atomic_write_json(run_dir / "manifest.json", split.manifest())
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["path", "reason"])

@@ -287,3 +287,105 @@ def test_a_training_shard_of_one_image_is_a_clear_error_not_a_crash_at_the_first
     with pytest.raises(DataError, match="leaves 2 process\\(es\\) one image each.*fewer --devices"):
         TrainEpochSampler([0, 1], "none", 0, num_replicas=2, rank=0, batch_size=2, what="the search part")
     assert len(TrainEpochSampler([0, 1, 1, 0], "none", 0, num_replicas=2, rank=1, batch_size=2)) == 2
+
+
+# ------------------------------------------------------------------ runs and manifests of earlier versions
+
+TINY_RUN = ["--backbone", "test_resnet", "--image-size", "16", "--batch-size", "8", "--num-workers", "0"]
+
+
+def tiny_tree(tmp_path: Path) -> tuple[Path, list[str]]:
+    tree = make_class_tree(tmp_path / "pets", {"Cat": 20, "Dog": 30}, size=(16, 16))
+    return tree, ["--data-dir", str(tree), "--train-counts", "10,20", "--val-counts", "6,6", *TINY_RUN]
+
+
+def as_version_2(run_dir: Path) -> str:
+    """Rewrite a run's manifest as the version-2 manifest an earlier version wrote (no dev list)."""
+    from imbalance.data import manifest_digest
+
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    old = {k: v for k, v in manifest.items() if k not in ("dev", "dev_fraction")}
+    old["version"] = 2
+    old["sha256"] = manifest_digest(old, 2)
+    (run_dir / "manifest.json").write_text(json.dumps(old))
+    return old["sha256"]
+
+
+def test_a_checkpoint_and_manifest_of_an_earlier_version_still_evaluate(tmp_path, capsys):
+    from experiments import evaluate as evaluate_cli
+
+    tree, args = tiny_tree(tmp_path)
+    assert run_cli.main([*args, "--dev-fraction", "0", "--epochs", "1", "--logger", "none", "--out", "old"]) == 0
+    ckpt = tmp_path / "old" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["manifest_sha256"] = as_version_2(tmp_path / "old")
+    torch.save(checkpoint, ckpt)
+    # it raised KeyError: 'dev' (the version-3 digest of a version-2 manifest), for the run's split and a folder
+    for extra in ([], ["--data-dir", str(tree)]):
+        assert evaluate_cli.main(["--checkpoint", str(ckpt), "--out", "ev", "--bootstrap", "0", *extra]) == 0
+        metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+        assert list(metrics["results"]) == ["threshold_0.5"] and "no dev split" in metrics["note"]
+    capsys.readouterr()
+
+
+def test_resuming_a_run_of_an_earlier_version_keeps_its_split_and_reports_no_dev_choice(tmp_path):
+    _, args = tiny_tree(tmp_path)
+    assert run_cli.main([*args, "--dev-fraction", "0", "--epochs", "1", "--logger", "none", "--out", "old"]) == 0
+    run_dir = tmp_path / "old"
+    # what a run of the earlier version left: no dev_fraction in config.json, a version-2 manifest, and its
+    # recorder's state with one flat set of predictions and a best epoch chosen on val F1
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["dev_fraction"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "summary.json").unlink()
+    as_version_2(run_dir)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    key = next(k for k in checkpoint["callbacks"] if k.startswith("RunRecorder"))
+    state = checkpoint["callbacks"][key]
+    state["last_predictions"] = state["best_predictions"] = state["last_predictions"]["val"]
+    state["best"] = {"epoch": 0, "metrics": state["history"][0], "rule": "highest val F1"}
+    torch.save(checkpoint, ckpt)
+    manifest_before = (run_dir / "manifest.json").read_text()
+    # it raised AttributeError ('list' object has no attribute 'items') after rewriting manifest.json
+    assert run_cli.main(["--resume", "--out", "old", "--epochs", "2", "--logger", "none"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["config"]["dev_fraction"] == 0.0
+    assert list(summary["results"]) == ["last_epoch"]  # the val-chosen epoch is not reported as dev-selected
+    assert (run_dir / "manifest.json").read_text() == manifest_before
+
+
+def test_a_resumed_run_replays_its_split_even_after_the_folder_changed(tmp_path):
+    tree, args = tiny_tree(tmp_path)
+    assert run_cli.main([*args, "--epochs", "1", "--logger", "none", "--out", "run"]) == 0
+    manifest_before = (tmp_path / "run" / "manifest.json").read_text()
+    for i in range(3):  # new photos: a redraw would move photos the run trained on into dev
+        (tree / "Cat" / f"{i}.jpg").rename(tree / "Cat" / f"new{i}.jpg")
+    for i in range(3):
+        make_class_tree(tmp_path / "more", {"Cat": 3}, size=(16, 16))
+        (tmp_path / "more" / "Cat" / f"{i}.jpg").rename(tree / "Cat" / f"{i}.jpg")
+    assert run_cli.main(["--resume", "--out", "run", "--epochs", "2", "--logger", "none"]) == 0
+    assert (tmp_path / "run" / "manifest.json").read_text() == manifest_before
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dev_counts"] == {"Dog": 2, "Cat": 1} and summary["epochs_completed"] == 2
+
+
+def test_a_replayed_manifest_checks_its_dev_photos_and_records_its_dev_fraction(tmp_path, capsys):
+    tree, args = tiny_tree(tmp_path)
+    assert run_cli.main([*args, "--dev-fraction", "0.2", "--epochs", "1", "--logger", "none", "--out", "a"]) == 0
+    manifest = tmp_path / "a" / "manifest.json"
+    replay = ["--manifest", str(manifest), *TINY_RUN, "--epochs", "1", "--logger", "none"]
+    assert run_cli.main([*replay, "--out", "b"]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["dev_fraction"] == 0.2  # it recorded 0.1
+    with pytest.raises(SystemExit):
+        run_cli.main([*replay, "--dev-fraction", "0.1", "--out", "c"])
+    assert "drop --dev-fraction" in capsys.readouterr().err
+    dev_photo = json.loads(manifest.read_text())["dev"][0][0]
+    (tree / dev_photo).unlink()
+    with pytest.raises(DataError, match="files are missing"):  # it failed at the first validation instead
+        load_manifest(manifest)
+
+
+def test_dev_positions_of_a_fraction_with_a_long_decimal_form_do_not_overflow():
+    assert dev_positions(11000, 0.1 * 3).sum() == 3300  # 0.30000000000000004: it held out 3,297
+    assert dev_positions(12500, 1 / 3).sum() == math.ceil(12500 / 3)
