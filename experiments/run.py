@@ -108,7 +108,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--sampling",
         default="none",
         choices=list(SAMPLING),
-        help="random over/undersampling to balance the classes, redrawn every epoch",
+        help="resampling, redrawn every epoch from (seed, epoch): over/under balance the classes by random "
+        "over/undersampling; sqrt draws class c with probability n_c^q / sum n^q (square-root sampling, q = "
+        "--sampling-q); progressive moves from instance-balanced (n_c / N) at the first epoch to class-balanced "
+        "(1 / classes) at the last, linearly over --epochs. sqrt and progressive keep the training set size",
+    )
+    lo.add_argument(
+        "--sampling-q",
+        type=float,
+        help="--sampling sqrt: the exponent q in [0, 1] (1: instance-balanced, 0: class-balanced; default 0.5)",
     )
     lo.add_argument("--autobalance-params", type=Path, help="--loss autobalance: reuse a found loss (skip the search)")
     lo.add_argument(

@@ -290,7 +290,16 @@ def run_search(cfg, run_dir: Path, hw: dict[str, Any], logger, signals=None) -> 
     image_size = cfg.image_size or default_image_size(split)
     mean, std = _normalisation(backbone)
     datamodule = SearchDataModule(
-        search, image_size, mean, std, cfg.batch_size, cfg.sampling, cfg.seed, _num_workers(cfg, split)
+        search,
+        image_size,
+        mean,
+        std,
+        cfg.batch_size,
+        cfg.sampling,
+        cfg.seed,
+        _num_workers(cfg, split),
+        sampling_q=cfg.sampling_q,
+        epochs=cfg.autobalance_search_epochs or cfg.epochs,  # the search's own schedule for --sampling progressive
     )
     module = AutoBalanceSearch(
         backbone,

@@ -27,7 +27,7 @@ SPLIT_PRESETS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
 }
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
-SAMPLING = ("none", "over", "under")
+SAMPLING = ("none", "over", "under", "sqrt", "progressive")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # what Lightning's Trainer(precision=...) accepts (its short aliases included), transformer-engine aside
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64")
@@ -85,6 +85,7 @@ class RunConfig:
     drw_epoch: int | None = None
     tau: float = 1.0
     sampling: str = "none"
+    sampling_q: float | None = None  # --sampling sqrt: p_c ∝ n_c^q; None: q = 1/2
     autobalance_params: Path | None = None
     autobalance_init: str = "logit-adjusted"
     autobalance_search_epochs: int | None = None
@@ -140,6 +141,10 @@ class RunConfig:
             fail(f"--logger {self.logger!r} is unknown; choose one of: {', '.join(LOGGERS)}")
         if self.sampling not in SAMPLING:
             fail(f"--sampling {self.sampling!r} is unknown; choose one of: {', '.join(SAMPLING)}")
+        if self.sampling_q is not None and self.sampling != "sqrt":
+            fail(f"--sampling-q is the exponent of --sampling sqrt, but --sampling is {self.sampling!r}")
+        if self.sampling_q is not None and not 0 <= self.sampling_q <= 1:
+            fail(f"--sampling-q must be in [0, 1] (1: instance-balanced, 0: class-balanced), got {self.sampling_q}")
         if self.accelerator not in ACCELERATORS:
             fail(f"--accelerator {self.accelerator!r} is unknown; choose one of: {', '.join(ACCELERATORS)}")
         if self.split is not None and self.split not in SPLIT_PRESETS:

@@ -1038,8 +1038,10 @@ class TrainEpochSampler(EpochSampler):
         rank: int = 0,
         batch_size: int = 1,
         what: str = "the training split",
+        q: float | None = None,
+        epochs: int | None = None,
     ) -> None:
-        super().__init__(labels, mode, seed, num_replicas, rank)
+        super().__init__(labels, mode, seed, num_replicas, rank, q=q, epochs=epochs)
         self.batch_size = batch_size
         if batch_size > 1 and super().__len__() == 1:
             raise DataError(
@@ -1075,11 +1077,15 @@ class ImbalanceDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         cache: bool = False,
+        sampling_q: float | None = None,
+        epochs: int | None = None,
     ) -> None:
         super().__init__()
         self.split = split
         self.batch_size = batch_size
         self.sampling = sampling
+        self.sampling_q = sampling_q  # --sampling sqrt's exponent (None: 1/2)
+        self.epochs = epochs  # the run's epochs: the schedule of --sampling progressive
         self.seed = seed
         self.num_workers = num_workers
         photos = split.root is not None
@@ -1127,7 +1133,17 @@ class ImbalanceDataModule(L.LightningDataModule):
         self, labels: Sequence[int], mode: str, seed: int, what: str = "the training split"
     ) -> TrainEpochSampler:
         replicas, rank = self._replicas()
-        return TrainEpochSampler(labels, mode, seed, replicas, rank, batch_size=self.batch_size, what=what)
+        return TrainEpochSampler(
+            labels,
+            mode,
+            seed,
+            replicas,
+            rank,
+            batch_size=self.batch_size,
+            what=what,
+            q=self.sampling_q,
+            epochs=self.epochs,
+        )
 
     def train_dataloader(self) -> DataLoader:
         labels = [label for _, label in self.split.train]

@@ -224,7 +224,17 @@ def prepare(cfg: RunConfig, split: SplitData | None = None):
     image_size = cfg.image_size or default_image_size(split)
     mean, std = _normalisation(backbone)
     datamodule = ImbalanceDataModule(
-        split, image_size, mean, std, cfg.batch_size, cfg.sampling, cfg.seed, _num_workers(cfg, split), cfg.cache
+        split,
+        image_size,
+        mean,
+        std,
+        cfg.batch_size,
+        cfg.sampling,
+        cfg.seed,
+        _num_workers(cfg, split),
+        cfg.cache,
+        sampling_q=cfg.sampling_q,
+        epochs=cfg.epochs,
     )
 
     module = ImbalanceClassifier(
