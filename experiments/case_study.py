@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         execute,
         finished,
         load_grid,
+        one_line,
         plan_runs,
         protocol,
         select,
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         plans = plan_runs(grid, cells, results, overrides, args.seeds)
     except ConfigError as error:
-        parser.exit(2, f"error: {error}\n")
+        parser.exit(2, f"error: {one_line(error)}\n")
     import torch
 
     if args.dry_run:
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         write_results(grid, cells, results, args.seeds, header)
     except TableError as error:
-        parser.exit(2, f"error: {error}\n")
+        parser.exit(2, f"error: {one_line(error)}\n")
     print(f"table: {results / 'table.md'}")
     for plan, reason in failures:
         print(f"failed: {plan.cell.id} seed {plan.seed}: {reason}")

@@ -21,13 +21,16 @@ import dataclasses
 import fnmatch
 import io
 import json
+import math
 import shutil
 import subprocess
 import sys
 import time
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import yaml
@@ -38,6 +41,7 @@ from imbalance.io import RunLock, atomic_write_text
 
 # which of a run's result sets (summary.json "results") fills a row; all but last_epoch need a dev split
 REPORTS = ("last_epoch", "dev_selected_checkpoint", "dev_tuned_threshold", "posthoc_la")
+DEV_REPORTS = REPORTS[1:]  # a run records these only with a dev split (posthoc_la also with a fixed --posthoc-la)
 # (table column, key of a summary.json result set) of the mean ± std columns
 COLUMNS = (
     ("f1", "f1"),
@@ -49,6 +53,7 @@ COLUMNS = (
     ("recall", "recall"),
 )
 GRID_KEYS = {"name", "defaults", "seeds", "notes", "cells", "baselines"}
+CELL_REQUIRED = ("id", "data", "method")
 MIN_SEEDS_FOR_INTERVAL = 3  # fewer seeds say nothing about the seed-to-seed spread
 BOOTSTRAP_REPLICATES = stats.DEFAULT_REPLICATES
 BOOTSTRAP_SEED = 14  # fixed: the same run files always give the same table (issue 14)
@@ -61,6 +66,11 @@ FEW_SEEDS = "n<3"
 
 class TableError(ValueError):
     """The run files disagree with each other or with the grid; the message names the file and the fix."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error message on one line (YAML and some OS errors span several)."""
+    return "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def protocol(replicates: int = BOOTSTRAP_REPLICATES, seed: int = BOOTSTRAP_SEED) -> str:
@@ -96,65 +106,195 @@ class Grid:
     seeds: int
     notes: str = ""  # printed under the table: what the rows can and cannot be compared with
     baselines: dict[str, str] = field(default_factory=dict)  # data set -> the cell every row's Δ is taken to
+    path: Path | None = None  # the grid file, for error messages
 
     def seeds_of(self, cell: Cell, override: int | None = None) -> list[int]:
-        return list(range(override if override is not None else (cell.seeds or self.seeds)))
+        if override is not None:
+            return list(range(override))
+        return list(range(cell.seeds if cell.seeds is not None else self.seeds))
+
+
+_OPTION_TYPES = typing.get_type_hints(RunConfig)
+_TYPE_NAMES = {
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    str: "text",
+    Path: "a path",
+    tuple: "a list such as [1, 2]",
+    dict: "a mapping",
+}
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fits(kind: Any, value: Any) -> bool:
+    origin = typing.get_origin(kind) or kind
+    if kind is Any:
+        return True
+    if origin is bool:
+        return isinstance(value, bool)
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is float:
+        return _is_number(value)
+    if origin in (str, Path):
+        return isinstance(value, str)
+    if origin is tuple:
+        item = typing.get_args(kind)[0] if typing.get_args(kind) else Any
+        return isinstance(value, list) and all(_fits(item, v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _option_problem(name: str, value: Any) -> str | None:
+    """Why `value` (from YAML) cannot be the RunConfig option `name`; None when it can."""
+    hint = _OPTION_TYPES[name]
+    kinds = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        return None if type(None) in kinds else "must be given a value, not null"
+    if any(_fits(kind, value) for kind in kinds if kind is not type(None)):
+        return None
+    wanted = " or ".join(_TYPE_NAMES.get(typing.get_origin(k) or k, str(k)) for k in kinds if k is not type(None))
+    problem = f"must be {wanted}, got {value!r}"
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            pass
+        else:  # YAML 1.1 reads 1e-3 (no dot) as text
+            problem += " (text: YAML reads a number such as 1e-3 as text; write 0.001 or 1.0e-3)"
+    return problem
+
+
+def _count_problem(value: Any) -> str | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return None
+    return f"must be a whole number of seeds, at least 1, got {value!r}"
 
 
 def load_grid(path: Path) -> Grid:
-    """Read and check a grid file: unknown keys, flags and references are errors naming the cell."""
+    """Read and check a grid file: unknown keys, flags and references, values of the wrong type and cells no
+    run can fill are errors naming the grid file and the cell."""
+    path = Path(path)
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"--grid {path} cannot be read: {error}") from error
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigError(f"--grid {path} cannot be read: {one_line(error)}") from error
+
+    def fail(message: str, cell: Any = None) -> NoReturn:
+        where = f"--grid {path}" + ("" if cell is None else f": cell {cell!r}")
+        raise ConfigError(f"{where}: {message}")
+
     if not isinstance(raw, dict):
-        raise ConfigError(f"--grid {path} must be a mapping with 'cells' (see experiments/case_study.yaml)")
+        fail("must be a mapping with 'cells' (see experiments/case_study.yaml)")
     unknown_keys = set(raw) - GRID_KEYS
     if unknown_keys:
-        raise ConfigError(f"--grid {path}: unknown top-level keys {sorted(unknown_keys)}; known: {sorted(GRID_KEYS)}")
-    known = {f.name for f in dataclasses.fields(Cell)}
+        fail(f"unknown top-level keys {sorted(unknown_keys)}; known: {sorted(GRID_KEYS)}")
+    name = raw.get("name", path.stem)
+    if not isinstance(name, str) or not name:
+        fail(f"name must be text (it names the folder results/<name>), got {name!r}")
+    notes = raw.get("notes") or ""
+    if not isinstance(notes, str):
+        fail(f"notes must be text, got {type(notes).__name__}")
+    seeds = raw.get("seeds", 1)
+    if _count_problem(seeds):
+        fail(f"seeds {_count_problem(seeds)}")
     fields = {f.name for f in dataclasses.fields(RunConfig)}
+    defaults = raw.get("defaults") or {}
+    if not isinstance(defaults, dict):
+        fail(f"defaults must map experiments.run options to values, e.g. {{epochs: 6}}, got {defaults!r}")
+    bad_defaults = set(defaults) - fields
+    if bad_defaults:
+        fail(f"unknown defaults {sorted(bad_defaults, key=str)}")
+    for key, value in defaults.items():
+        if problem := _option_problem(key, value):
+            fail(f"defaults: {key} {problem}")
+    entries = raw.get("cells")
+    if not isinstance(entries, list) or not entries:
+        fail("cells must be a list of cells, each a mapping with id, data and method (see experiments/case_study.yaml)")
+    known = {f.name for f in dataclasses.fields(Cell)}
     cells = []
-    for entry in raw.get("cells", []):
+    for number, entry in enumerate(entries, 1):
+        if not isinstance(entry, dict):
+            fail(f"cell {number} is {entry!r}, not a mapping with id, data and method")
+        label = entry.get("id", f"number {number}")
         unknown = set(entry) - known
         if unknown:
-            raise ConfigError(f"--grid {path}: cell {entry.get('id')!r} has unknown keys {sorted(unknown)}")
+            fail(f"unknown keys {sorted(unknown, key=str)}; known: {sorted(known)}", label)
+        missing = [k for k in CELL_REQUIRED if k not in entry]
+        if missing:
+            fail(f"lacks {', '.join(missing)} (every cell needs {', '.join(CELL_REQUIRED)})", label)
+        for key in CELL_REQUIRED:
+            if not isinstance(entry[key], str) or not entry[key]:
+                fail(f"{key} must be text, got {entry[key]!r}", label)
+        cell_id = entry["id"]
+        parts = cell_id.split("/")
+        if cell_id.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            fail("the id names the folder runs/<id>: use names such as balanced/ce, without '..' or empty parts", label)
+        entry = {**entry, "flags": entry.get("flags") or {}, "lecture": entry.get("lecture") or {}}
         cell = Cell(**entry)
+        if not isinstance(cell.flags, dict):
+            fail(f"flags must map experiments.run options to values, got {cell.flags!r}", cell_id)
+        if not isinstance(cell.lecture, dict):
+            fail(f"lecture must be a mapping such as {{f1: 0.9, cats: 10, dogs: 20}}, got {cell.lecture!r}", cell_id)
         bad_flags = set(cell.flags) - fields
         if bad_flags:
-            raise ConfigError(f"--grid {path}: cell {cell.id!r} has unknown flags {sorted(bad_flags)}")
-        if cell.report not in REPORTS:
-            raise ConfigError(f"--grid {path}: cell {cell.id!r} report must be one of {REPORTS}")
+            fail(f"has unknown flags {sorted(bad_flags, key=str)}", cell_id)
+        for key, value in cell.flags.items():
+            if problem := _option_problem(key, value):
+                fail(f"flag {key} {problem}", cell_id)
+        if cell.seeds is not None and _count_problem(cell.seeds):
+            fail(f"seeds {_count_problem(cell.seeds)} (leave seeds out for the grid's {seeds})", cell_id)
+        if not isinstance(cell.report, str) or cell.report not in REPORTS:
+            fail(f"report must be one of {REPORTS}, got {cell.report!r}", cell_id)
         cells.append(cell)
     ids = [c.id for c in cells]
     if len(ids) != len(set(ids)):
-        raise ConfigError(f"--grid {path}: duplicate cell ids")
+        fail(f"duplicate cell ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    by_id = {c.id: c for c in cells}
     for cell in cells:
-        if cell.runs_of is not None and cell.runs_of not in ids:
-            raise ConfigError(f"--grid {path}: cell {cell.id!r} reuses unknown cell {cell.runs_of!r}")
-    bad_defaults = set(raw.get("defaults", {})) - fields
-    if bad_defaults:
-        raise ConfigError(f"--grid {path}: unknown defaults {sorted(bad_defaults)}")
+        if cell.runs_of is None:
+            continue
+        if not isinstance(cell.runs_of, str) or cell.runs_of not in by_id:
+            fail(f"reuses unknown cell {cell.runs_of!r}", cell.id)
+        if by_id[cell.runs_of].runs_of is not None:
+            fail(
+                f"runs_of must name a trained cell, but {cell.runs_of!r} itself reuses {by_id[cell.runs_of].runs_of!r}",
+                cell.id,
+            )
+    default_dev = RunConfig().dev_fraction
+    for cell in cells:  # a result set that needs a dev split, over runs made without one, is never there
+        if cell.report not in DEV_REPORTS:
+            continue
+        source = by_id[cell.runs_of] if cell.runs_of else cell
+        values = {**defaults, **source.flags}
+        if values.get("dev_fraction", default_dev) != 0:
+            continue
+        if cell.report == "posthoc_la" and values.get("posthoc_la") is not None:
+            continue  # τ fixed by --posthoc-la: no dev split needed
+        where = "its runs" if source is cell else f"the runs of {source.id!r}"
+        fix = "a fixed posthoc_la flag or " if cell.report == "posthoc_la" else ""
+        fail(
+            f"report {cell.report!r} is chosen on a dev split, but {where} set dev_fraction 0 (no dev split), so "
+            f"no run can fill this row; give {fix}a dev_fraction above 0, or report last_epoch",
+            cell.id,
+        )
     baselines = raw.get("baselines") or {}
     if not isinstance(baselines, dict):
-        raise ConfigError(f"--grid {path}: baselines must map a data set to a cell id, e.g. {{balanced: balanced/ce}}")
-    by_id = {c.id: c for c in cells}
+        fail("baselines must map a data set to a cell id, e.g. {balanced: balanced/ce}")
     for data, cell_id in baselines.items():
-        if cell_id not in by_id:
-            raise ConfigError(f"--grid {path}: the baseline of {data!r} is {cell_id!r}, which is not a cell id")
+        if not isinstance(cell_id, str) or cell_id not in by_id:
+            fail(f"the baseline of {data!r} is {cell_id!r}, which is not a cell id")
         if by_id[cell_id].data != data:
-            raise ConfigError(
-                f"--grid {path}: the baseline of {data!r} is {cell_id!r}, a cell of data {by_id[cell_id].data!r}; "
+            fail(
+                f"the baseline of {data!r} is {cell_id!r}, a cell of data {by_id[cell_id].data!r}; "
                 "a baseline must be trained on the same data"
             )
-    return Grid(
-        raw.get("name", Path(path).stem),
-        cells,
-        raw.get("defaults", {}),
-        int(raw.get("seeds", 1)),
-        raw.get("notes", ""),
-        dict(baselines),
-    )
+    return Grid(name, cells, dict(defaults), seeds, notes, dict(baselines), path)
 
 
 def select(grid: Grid, pattern: str | None) -> list[Cell]:
@@ -191,13 +331,18 @@ class Plan:
 
     @property
     def done(self) -> bool:
-        """Finished, and with the same configuration: a run made with other flags (say another --scale)
-        is not counted, it is rerun."""
+        """Finished, and with the same configuration: a run made with other flags (say another --scale), or
+        by an earlier version that lacked a planned option (a run from before the dev split), is not counted,
+        it is rerun; so is a run whose summary.json cannot be read."""
         summary = self.run_dir / "summary.json"
         if not summary.is_file():
             return False
-        recorded = RunConfig.from_dict(json.loads(summary.read_text()).get("config", {})).to_dict()  # fills defaults
-        recorded, planned = comparable(recorded), comparable(self.config)  # a run stores its data folder resolved
+        try:
+            stored = json.loads(summary.read_text(encoding="utf-8"))["config"]
+            recorded = comparable(RunConfig.from_stored(stored).to_dict())  # fills defaults; paths resolved
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):  # cut off, edited, not a summary
+            return False
+        planned = comparable(self.config)  # a run stores its data folder resolved
         return all(recorded.get(k) == v for k, v in planned.items() if k not in IGNORED_FOR_DONE)
 
 
@@ -206,6 +351,8 @@ IGNORED_FOR_DONE = {"out", "run_name", "num_workers", "resume", "overwrite", "lo
 
 def plan_runs(grid: Grid, cells: list[Cell], results: Path, overrides: dict[str, Any], seeds: int | None) -> list[Plan]:
     """Every (cell, seed) to train, seed-major so that a partial grid has every cell at seed 0 first."""
+    if seeds is not None and _count_problem(seeds):
+        raise ConfigError(f"--seeds {_count_problem(seeds)}")
     plans = []
     trained = [c for c in cells if c.runs_of is None]
     by_id = {c.id: c for c in grid.cells}
@@ -220,7 +367,10 @@ def plan_runs(grid: Grid, cells: list[Cell], results: Path, overrides: dict[str,
             values = {**grid.defaults, **cell.flags, **{k: v for k, v in overrides.items() if v is not None}}
             run_dir = results / "runs" / cell.id / f"seed{seed}"
             values.update(seed=seed, out=str(run_dir), run_name=f"{grid.name}/{cell.id}/seed{seed}")
-            config = RunConfig.from_dict(values).validate()  # a bad cell fails before anything trains
+            try:  # a bad cell fails before anything trains
+                config = RunConfig.from_dict(values).validate()
+            except (ConfigError, TypeError, ValueError) as error:
+                raise ConfigError(f"--grid {grid.path or grid.name}: cell {cell.id!r}: {one_line(error)}") from error
             plans.append(Plan(cell, seed, run_dir, run_flags(values), config.to_dict()))
     return plans
 
@@ -231,9 +381,18 @@ def finished(plans: list[Plan]) -> list[Plan]:
     return [p for p in plans if (p.run_dir / "summary.json").is_file()]
 
 
+def _wall_time(plan: Plan) -> float:
+    try:
+        seconds = float(json.loads((plan.run_dir / "summary.json").read_text(encoding="utf-8"))["wall_time_s"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # unreadable: the table says which file
+        return 0.0
+    return seconds if math.isfinite(seconds) and seconds > 0 else 0.0
+
+
 def total_wall_time(plans: list[Plan]) -> float:
-    """Seconds of training behind the finished runs (their own wall times, resumed parts included)."""
-    return sum(json.loads((p.run_dir / "summary.json").read_text()).get("wall_time_s", 0.0) for p in finished(plans))
+    """Seconds of training behind the finished runs (their own wall times, resumed parts included); a
+    summary.json that cannot be read adds nothing."""
+    return sum(_wall_time(p) for p in finished(plans))
 
 
 def execute(plans: list[Plan], log: Any = print) -> list[tuple[Plan, str]]:
@@ -267,7 +426,7 @@ def execute(plans: list[Plan], log: Any = print) -> list[tuple[Plan, str]]:
                     process.kill()
                 raise
         if code != 0:
-            tail = (plan.run_dir / "run.log").read_text().strip().splitlines()[-3:]
+            tail = (plan.run_dir / "run.log").read_text(errors="replace").strip().splitlines()[-3:]
             failures.append((plan, " / ".join(tail)))
             log(f"    failed (exit {code}) after {time.time() - started:.0f} s: {' / '.join(tail)}")
         else:
@@ -331,10 +490,22 @@ class _Reader:
         if path not in self._predictions:
             if not path.is_file():
                 raise TableError(f"{path} is missing: the table needs each run's predictions.csv; rerun the run")
-            with path.open(newline="") as handle:
-                rows = list(csv.DictReader(handle))
+            try:
+                with path.open(newline="", encoding="utf-8") as handle:
+                    rows = list(csv.DictReader(handle))
+            except (OSError, UnicodeDecodeError, csv.Error) as error:
+                raise TableError(
+                    f"{path} cannot be read as a UTF-8 CSV file ({one_line(error)}); the run's files are damaged: "
+                    f"delete {path.parent} and run the case study again to redo it"
+                ) from error
             if not rows or "path" not in rows[0] or "label" not in rows[0]:
                 raise TableError(f"{path} has no rows with 'path' and 'label' columns; rerun the run")
+            for line, row in enumerate(rows, 2):
+                if None in row or None in row.values():
+                    raise TableError(
+                        f"{path} line {line} has {'more' if None in row else 'fewer'} fields than its header; "
+                        f"the file is damaged: delete {path.parent} and run the case study again to redo it"
+                    )
             self._predictions[path] = {key: [r[key] for r in rows] for key in rows[0]}
         return self._predictions[path]
 
@@ -351,8 +522,14 @@ class _Reader:
         """The run's result set `report` (None when the run has none: no dev split), checked against its
         predictions.csv: F1 and balanced accuracy recomputed from the predictions must equal the summary's."""
         summary_file = run_dir / "summary.json"
+        redo = f"delete {run_dir} and run the case study again (without --table-only) to redo the run"
         try:
-            summary = json.loads(summary_file.read_text())
+            summary = json.loads(summary_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:  # ValueError: not JSON, or not UTF-8
+            raise TableError(f"{summary_file} cannot be read as JSON ({one_line(error)}); {redo}") from error
+        if not isinstance(summary, dict):
+            raise TableError(f"{summary_file} holds a JSON {type(summary).__name__}, not a run summary; {redo}")
+        try:
             results = summary["results"]
             class_names = summary["class_names"]
             positives = int(summary["val_counts"][class_names["positive"]])
@@ -362,17 +539,48 @@ class _Reader:
                 f"{summary_file} lacks results/class_names/val_counts ({error!r}): written by an older "
                 "experiments.run; rerun the run with --overwrite"
             ) from error
+        if not isinstance(results, dict):
+            raise TableError(
+                f"{summary_file}: 'results' must map each result set's name to its numbers, got a "
+                f"{type(results).__name__}; {redo}"
+            )
         result = results.get(report)
         if result is None:
             return None
-        column, threshold = result.get("predictions"), float(result.get("threshold", float("nan")))
-        table = self.predictions(run_dir / "predictions.csv")
+        if not isinstance(result, dict):
+            raise TableError(f"{summary_file}: results[{report!r}] is {result!r}, not a mapping of numbers; {redo}")
+        column = result.get("predictions")
+        if not isinstance(column, str):
+            raise TableError(
+                f"{summary_file}: results[{report!r}] lacks 'predictions' (the predictions.csv column it was "
+                f"computed from), got {column!r}; {redo}"
+            )
+        for key in RESULT_NUMBERS:
+            if key not in result:
+                raise TableError(f"{summary_file}: results[{report!r}] lacks {key!r}; {redo}")
+            if not _is_number(result[key]):
+                raise TableError(
+                    f"{summary_file}: results[{report!r}][{key!r}] is {result[key]!r}, not a number; {redo}"
+                )
+        threshold = float(result["threshold"])
+        predictions_file = run_dir / "predictions.csv"
+        table = self.predictions(predictions_file)
         if column not in table:
             raise TableError(
-                f"{run_dir / 'predictions.csv'} has no column {column!r}, which summary.json's results[{report!r}] "
+                f"{predictions_file} has no column {column!r}, which summary.json's results[{report!r}] "
                 "was computed from; rerun the run"
             )
-        probs = np.array(table[column], dtype=float)
+        # the run wrote float32 probabilities with 9 significant digits and compared them, widened to float64,
+        # with the threshold: read them back the same way (as float32, then widened), or a threshold equal to a
+        # probability can land on the other side of the decimal that was written
+        try:
+            with np.errstate(over="ignore"):
+                probs = np.asarray(table[column], dtype=np.float32).astype(np.float64)
+        except ValueError as error:
+            line, bad = next(((i, v) for i, v in enumerate(table[column], 2) if not _parses(v)), (0, ""))
+            raise TableError(
+                f"{predictions_file} line {line}: {column} is {bad!r}, not a probability; the file is damaged: {redo}"
+            ) from error
         labels = np.array([_label(v, class_names, run_dir) for v in table["label"]], dtype=np.int8)
         predicted = probs > threshold
         finite = bool(np.isfinite(probs).all())
@@ -391,6 +599,17 @@ class _Reader:
                     f"but summary.json results[{report!r}] says {recorded!r}; the run's files disagree: rerun it"
                 )
         return Run(seed, run_dir, result, positives, negatives, tuple(table["path"]), labels, predicted, finite)
+
+
+RESULT_NUMBERS = tuple(dict.fromkeys(("threshold", "f1", "balanced_accuracy", *(key for _, key in COLUMNS))))
+
+
+def _parses(value: str) -> bool:
+    try:
+        np.float32(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _label(value: str, class_names: dict[str, str], run_dir: Path) -> int:

@@ -399,3 +399,182 @@ def test_case_study_cell_flags_reach_the_run_config():
     cfg = config_from_args(args, parser)
     assert (cfg.split, cfg.loss, cfg.gamma, cfg.alpha) == ("imbalanced-2", "focal", 2, (0.5,))
     assert cfg.epochs == 2 and cfg.wandb_group == "imbalanced-2/focal"  # the command line wins
+
+
+# ---------------------------------------------------------------- hostile run files and grids
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def rewrite_column(predictions: Path, column: str, line: int, value: str) -> None:
+    rows = list(csv.reader(predictions.open(newline="")))
+    rows[line - 1][rows[0].index(column)] = value
+    with predictions.open("w", newline="") as handle:
+        csv.writer(handle).writerows(rows)
+
+
+def edit_summary(summary_file: Path, edit) -> None:
+    summary = json.loads(summary_file.read_text())
+    edit(summary)
+    summary_file.write_text(json.dumps(summary))
+
+
+RUN = ("runs", "d2", "good", "seed0")
+BROKEN_RUN_FILES = {  # name: (file of the run, how it breaks, what the error says)
+    "non-utf8 csv": ("predictions.csv", lambda f: f.write_bytes(f.read_bytes() + b"\xff\xfe\n"), "UTF-8 CSV"),
+    "abc probability": ("predictions.csv", lambda f: rewrite_column(f, "prob_last", 4, "abc"), "line 4: prob_last"),
+    "empty probability": ("predictions.csv", lambda f: rewrite_column(f, "prob_last", 2, ""), "is '', not a prob"),
+    "short row": ("predictions.csv", lambda f: f.write_text(f.read_text() + "val/x.jpg\n"), "fewer fields"),
+    "cut-off json": ("summary.json", lambda f: f.write_text("{"), "cannot be read as JSON"),
+    "json list": ("summary.json", lambda f: f.write_text("[]"), "holds a JSON list"),
+    "results a list": ("summary.json", lambda f: edit_summary(f, lambda s: s.update(results=[])), "'results' must map"),
+    "no f1": ("summary.json", lambda f: edit_summary(f, lambda s: s["results"]["last_epoch"].pop("f1")), "lacks 'f1'"),
+    "text threshold": (
+        "summary.json",
+        lambda f: edit_summary(f, lambda s: s["results"]["last_epoch"].update(threshold="abc")),
+        "['threshold'] is 'abc', not a number",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BROKEN_RUN_FILES))
+def test_broken_run_files_are_one_line_errors_naming_the_file(tmp_path, capsys, name):
+    grid, results = fake_results(tmp_path)
+    file_name, corrupt, says = BROKEN_RUN_FILES[name]
+    broken = results.joinpath(*RUN, file_name)
+    corrupt(broken)
+    with pytest.raises(SystemExit) as exit_info:
+        table_only(grid, results)
+    assert exit_info.value.code == 2
+    err = one_line_error(capsys)
+    assert str(broken) in err and says in err and "run the case study again" in err
+
+
+def test_an_unreadable_summary_is_not_done_and_adds_no_wall_time(tmp_path, capsys):
+    from imbalance.case_study import finished, total_wall_time
+
+    grid_file, results = fake_results(tmp_path)
+    grid = load_grid(grid_file)
+    plans = plan_runs(grid, grid.cells, results, {}, None)
+    assert all(p.done for p in plans) and total_wall_time(plans) == 60.0 * len(plans)
+    broken = {
+        p.run_dir: text for p, text in zip(plans[:4], ["{", "[]", '{"config": 3}', '{"wall_time_s": "x"}'], strict=True)
+    }
+    for run_dir, text in broken.items():
+        (run_dir / "summary.json").write_text(text)
+    assert [p.done for p in plans] == [p.run_dir not in broken for p in plans]  # redone, not a crash
+    assert len(finished(plans)) == len(plans) and total_wall_time(plans) == 60.0 * (len(plans) - len(broken))
+    assert case_study.main(["--grid", str(grid_file), "--results", str(results), "--dry-run"]) == 0
+    assert f"{len(plans)} runs, {len(broken)} to do" in capsys.readouterr().out
+
+
+def test_a_threshold_equal_to_a_float32_probability_tabulates(tmp_path):
+    # the dev-tuned threshold can be exactly one photo's float32 probability: the run predicts that photo
+    # negative (p > t is false), and a reader that parses the written '%.9g' decimal in float64 would not
+    grid, results = fake_results(tmp_path)
+    run_dir = results.joinpath(*RUN)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    paths, labels = validation_photos(0, 40)
+    probs = fake_probs("good", labels, "float32").astype(np.float32)
+    pinned = np.float32(0.99999988)
+    assert float(f"{float(pinned):.9g}") > float(pinned)  # the decimal written lies above the float32 value
+    probs[int(np.argmax(labels))] = pinned
+    widened = probs.astype(np.float64)
+    summary["results"] = {"last_epoch": result_set(labels, widened, "prob_last", float(pinned), "last epoch")}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    with (run_dir / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "prob_last"])
+        for path, label, prob in zip(paths, labels, probs, strict=True):
+            writer.writerow([path, int(label), f"{float(prob):.9g}"])  # as imbalance.recorder writes it
+    assert table_only(grid, results) == 0
+    f1s = [summary["results"]["last_epoch"]["f1"]]
+    for seed in (1, 2):
+        other = json.loads(results.joinpath("runs", "d2", "good", f"seed{seed}", "summary.json").read_text())
+        f1s.append(other["results"]["last_epoch"]["f1"])
+    assert float(table_rows(results)["d2/good"]["f1_mean"]) == pytest.approx(np.mean(f1s), abs=1e-6)
+
+
+def test_a_run_from_before_the_dev_split_is_not_done(tmp_path):
+    grid_file, results = fake_results(tmp_path)
+    grid = load_grid(grid_file)
+    plan = plan_runs(grid, grid.cells, results, {}, None)[0]
+    assert plan.done
+    edit_summary(plan.run_dir / "summary.json", lambda s: s["config"].pop("dev_fraction"))
+    assert not plan.done  # it trained on its whole training split (dev_fraction 0): rerun it, don't count it
+    flags = {**grid.cells[0].flags, "dev_fraction": 0.0}
+    grid.cells[0].flags = flags
+    assert plan_runs(grid, grid.cells, results, {}, None)[0].done  # a plan without a dev split is that run
+
+
+def cells_grid(*cells: dict, **top) -> dict:
+    return {"name": "g", "seeds": 3, **top, "cells": list(cells)}
+
+
+CE = {"id": "d/ce", "data": "d", "method": "CE", "flags": {"loss": "ce"}}
+NO_DEV = {"id": "d/ce", "data": "d", "method": "CE", "flags": {"dev_fraction": 0.0}}
+BAD_GRIDS = [  # (grid, the cell the error names or None, what it says)
+    (cells_grid(1), None, "cell 1 is 1, not a mapping"),
+    ({"name": "g", "cells": "abc"}, None, "cells must be a list"),
+    (cells_grid({"data": "d", "method": "m"}), "number 1", "lacks id"),
+    (cells_grid(CE, seeds="x"), None, "seeds must be a whole number"),
+    (cells_grid({**CE, "seeds": "x"}), "d/ce", "seeds must be a whole number"),
+    (cells_grid({**CE, "seeds": 0}), "d/ce", "at least 1, got 0"),
+    (cells_grid({**CE, "seeds": -2}), "d/ce", "at least 1, got -2"),
+    (cells_grid({**CE, "flags": {"dev_fraction": "abc"}}), "d/ce", "flag dev_fraction must be a number, got 'abc'"),
+    (cells_grid({**CE, "flags": {"lr": "1e-3"}}), "d/ce", "write 0.001 or 1.0e-3"),
+    (cells_grid({**CE, "flags": "loss"}), "d/ce", "flags must map"),
+    ({**cells_grid(CE), "defaults": {"epochs": "x"}}, None, "defaults: epochs must be a whole number"),
+    (cells_grid({**CE, "id": "../ce"}), "../ce", "without '..'"),
+    (
+        cells_grid(
+            CE, {"id": "d/a", "data": "d", "method": "a", "runs_of": "d/ce"}, {**CE, "id": "d/b", "runs_of": "d/a"}
+        ),
+        "d/b",
+        "must name a trained cell",
+    ),
+]
+for report in REPORTS[1:]:
+    tuned = {"id": "d/tuned", "data": "d", "method": "tuned", "runs_of": "d/ce", "report": report}
+    BAD_GRIDS.append((cells_grid(NO_DEV, tuned), "d/tuned", f"report '{report}' is chosen on a dev split"))
+    BAD_GRIDS.append(({**cells_grid(CE, tuned), "defaults": {"dev_fraction": 0}}, "d/tuned", "dev_fraction 0"))
+    BAD_GRIDS.append((cells_grid({**NO_DEV, "report": report}), "d/ce", "no run can fill this row"))
+
+
+@pytest.mark.parametrize("grid, cell, says", BAD_GRIDS)
+def test_bad_grids_are_config_errors_naming_the_file_and_the_cell(tmp_path, capsys, grid, cell, says):
+    grid_file = tmp_path / "bad.yaml"
+    grid_file.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError) as error:
+        load_grid(grid_file)
+    message = str(error.value)
+    assert message.startswith(f"--grid {grid_file}") and says in message
+    assert cell is None or f"cell {cell!r}" in message
+    with pytest.raises(SystemExit) as exit_info:
+        case_study.main(["--grid", str(grid_file), "--dry-run"])
+    assert exit_info.value.code == 2 and says in one_line_error(capsys)
+
+
+def test_grid_values_that_fit_but_fail_validation_name_the_cell(tmp_path, capsys):
+    fixed = {
+        "id": "d/la",
+        "data": "d",
+        "method": "LA",
+        "report": "posthoc_la",
+        "flags": {**NO_DEV["flags"], "posthoc_la": 1.0},
+    }
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(yaml.safe_dump(cells_grid(fixed, {**CE, "flags": {"dev_fraction": 0.9}})))
+    grid = load_grid(grid_file)  # post-hoc LA with a fixed τ needs no dev split
+    with pytest.raises(ConfigError, match=r"cell 'd/ce': --dev-fraction must be in \[0, 0.5\]") as error:
+        plan_runs(grid, grid.cells, tmp_path / "res", {}, None)
+    assert str(error.value).startswith(f"--grid {grid_file}")
+    with pytest.raises(ConfigError, match="--seeds must be a whole number of seeds, at least 1, got 0"):
+        plan_runs(grid, grid.cells[:1], tmp_path / "res", {}, 0)
+    with pytest.raises(SystemExit):
+        case_study.main(["--grid", str(grid_file), "--dry-run"])
+    assert "cell 'd/ce'" in one_line_error(capsys)
