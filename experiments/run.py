@@ -83,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     lo = p.add_argument_group("loss and remedies")
     lo.add_argument("--loss", default="ce", choices=list(LOSSES), help="loss function")
     lo.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing for ce/weighted")
-    lo.add_argument("--gamma", type=float, help="focal loss focusing parameter (default 2)")
+    lo.add_argument(
+        "--gamma",
+        type=float,
+        help="focal loss focusing parameter (default 2); for --loss vs the exponent of the logit scales "
+        "Delta_c = (n_c/n_max)^gamma (default 0.3; 0 is the logit-adjusted loss)",
+    )
     lo.add_argument(
         "--alpha",
         type=number_list(float),
@@ -103,7 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ldam-scale", type=float, default=1.0, help="LDAM logit scale s (30 in the paper, for cosine heads)"
     )
     lo.add_argument("--drw-epoch", type=int, help="LDAM deferred re-weighting starts at this epoch")
-    lo.add_argument("--tau", type=float, default=1.0, help="temperature of --loss logit-adjusted")
+    lo.add_argument(
+        "--tau",
+        type=float,
+        default=1.0,
+        help="temperature of --loss logit-adjusted; for --loss vs the scale of the offsets tau*log(train prior)",
+    )
     lo.add_argument(
         "--sampling",
         default="none",

@@ -212,8 +212,12 @@ class RunConfig:
 
         # loss-specific options must belong to the chosen loss
         focal_like = self.loss in ("focal", "sigmoid-focal") or (self.loss == "cb" and self.cb_base == "focal")
-        if self.gamma is not None and not focal_like:
-            fail(f"--gamma is a focal-loss option but --loss is {self.loss!r}; use --loss focal")
+        # --loss vs reuses --gamma as the exponent of its logit scales (n_c / n_max)^gamma, the paper's name
+        if self.gamma is not None and not (focal_like or self.loss == "vs"):
+            fail(
+                f"--gamma is a focal-loss option (and the exponent of --loss vs) but --loss is {self.loss!r}; "
+                "use --loss focal or vs"
+            )
         if self.gamma is not None and self.gamma < 0:
             fail(f"--gamma must be >= 0, got {self.gamma}")
         if self.alpha is not None:

@@ -15,6 +15,7 @@ of the *training* split. Adding a loss is one class with a `from_config` classme
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -409,6 +410,49 @@ class BalancedSoftmaxLoss(nn.Module):
         return cls(class_counts)
 
 
+VS_DEFAULT_GAMMA = 0.3  # the default of the paper's code (github.com/orparask/VS-Loss, `--gamma 0.3 --tau 1.0`)
+
+
+class VSLoss(nn.Module):
+    """Vector-scaling loss (Kini et al., "Label-Imbalanced and Group-Sensitive Classification under
+    Overparameterization", NeurIPS 2021): CE(Delta * z + iota, y), a multiplicative and an additive logit
+    adjustment with, for every class c, Delta_c = (n_c / n_max)^gamma (1 for the largest class, smaller for
+    the rarer ones) and iota_c = tau * log pi_c (pi the training class prior).
+
+    Both adjustments apply to *every* logit, not only the target's: the loss is -log softmax(a)_y over the
+    adjusted logits a_c = Delta_c z_c + iota_c of all classes c, as the paper writes it and as its code
+    computes it (`x / Delta_list + iota_list` with 1 / Delta_c = (n_max / n_c)^gamma). gamma = 0 is the
+    logit-adjusted loss (with the same buffer, so bit for bit), gamma = tau = 0 plain CE, and tau = 0 the CDT
+    loss (Ye et al., 2020). It is a training loss only: predictions (`positive_probability`) use the raw
+    logits z. Defaults are those of the paper's code, gamma = 0.3 and tau = 1.
+    """
+
+    num_outputs = 2
+
+    def __init__(self, class_counts: Sequence[int], gamma: float = VS_DEFAULT_GAMMA, tau: float = 1.0) -> None:
+        super().__init__()
+        counts = torch.as_tensor(class_counts, dtype=torch.float64)
+        if counts.ndim != 1 or len(counts) < 2 or (counts <= 0).any():
+            raise ValueError(f"class_counts must be K >= 2 positive counts, got {counts.tolist()}")
+        if not (math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+        if not math.isfinite(tau):
+            raise ValueError(f"tau must be a finite number, got {tau}")
+        self.gamma, self.tau = float(gamma), float(tau)
+        self.register_buffer("scales", (counts / counts.max()).pow(self.gamma).float())
+        self.register_buffer("offsets", tau * _log_prior(class_counts))  # as LogitAdjustedLoss's adjustment
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        logits = _full_precision(logits)
+        _check_logits(logits, target, len(self.scales))
+        return F.cross_entropy(logits * self.scales.to(logits.dtype) + self.offsets.to(logits.dtype), target)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, class_counts: Sequence[int]) -> VSLoss:
+        gamma = VS_DEFAULT_GAMMA if cfg.gamma is None else cfg.gamma
+        return cls(class_counts, gamma=gamma, tau=cfg.tau)
+
+
 class ParametricLoss(nn.Module):
     """AutoBalance's parametric loss (Li et al., "AutoBalance: Optimized Loss Functions for Imbalanced Data",
     NeurIPS 2021); its search lives in imbalance.autobalance.
@@ -489,6 +533,7 @@ LOSSES: dict[str, type[nn.Module]] = {
     "ldam": LDAMLoss,
     "logit-adjusted": LogitAdjustedLoss,
     "balanced-softmax": BalancedSoftmaxLoss,
+    "vs": VSLoss,
     "autobalance": ParametricLoss,  # its parameters come from the search (imbalance.autobalance)
 }
 

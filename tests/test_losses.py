@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,9 +12,10 @@ import torch.nn.functional as F
 from sklearn.utils.class_weight import compute_class_weight
 from torchvision.ops import sigmoid_focal_loss
 
-from imbalance.config import RunConfig
+from imbalance.config import ConfigError, RunConfig
 from imbalance.losses import (
     LOSSES,
+    VS_DEFAULT_GAMMA,
     BalancedSoftmaxLoss,
     BinaryCrossEntropy,
     ClassBalancedLoss,
@@ -19,7 +23,9 @@ from imbalance.losses import (
     FocalLoss,
     LDAMLoss,
     LogitAdjustedLoss,
+    ParametricLoss,
     SigmoidFocalLoss,
+    VSLoss,
     WeightedCrossEntropy,
     balanced_class_weights,
     build_loss,
@@ -190,6 +196,114 @@ def test_balanced_softmax_equals_logit_adjusted_with_tau_one(seed):
     )
 
 
+def _vs_reference(counts, gamma, tau):
+    """Delta_c = (n_c / n_max)^gamma and iota_c = tau log pi_c, in float64 from the counts."""
+    n = torch.tensor(counts, dtype=torch.float64)
+    return (n / n.max()) ** gamma, tau * torch.log(n / n.sum())
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("counts", [[11000, 500], [11000, 1000, 37]])
+@pytest.mark.parametrize(("gamma", "tau"), [(0.3, 1.0), (0.2, 1.25), (1.0, 0.0), (0.5, 2.0)])
+def test_vs_closed_form(seed, counts, gamma, tau):
+    logits, target = random_batch(seed, 40, len(counts))
+    scales, offsets = _vs_reference(counts, gamma, tau)
+    expected = F.cross_entropy(logits.double() * scales + offsets, target)  # every logit adjusted, not only z_y
+    loss = VSLoss(counts, gamma, tau)
+    torch.testing.assert_close(loss(logits, target).double(), expected, rtol=1e-5, atol=1e-6)
+    assert loss.scales.max() == 1.0 and loss.scales[0] == 1.0  # the largest class keeps its logit
+    assert loss.scales.tolist() == sorted(loss.scales.tolist(), reverse=True)  # rarer classes scaled down
+
+
+def test_vs_adjusts_every_logit_by_hand():
+    """900 dogs, 100 cats, gamma = tau = 1: Delta = (1, 1/9), iota = (log 0.9, log 0.1), applied to both logits."""
+    loss = VSLoss([900, 100], gamma=1.0, tau=1.0)
+    z = torch.tensor([[2.0, 3.0]], dtype=torch.float64)
+    a0, a1 = 2.0 + math.log(0.9), 3.0 / 9 + math.log(0.1)
+    for y, a_y in ((0, a0), (1, a1)):
+        expected = math.log(math.exp(a0) + math.exp(a1)) - a_y
+        assert loss(z, torch.tensor([y])).item() == pytest.approx(expected, rel=1e-6)
+    # adjusting only the target's logit (as LDAM's margin does) would be another loss
+    target_only = math.log(math.exp(a0) + math.exp(3.0)) - a0
+    assert loss(z, torch.tensor([0])).item() != pytest.approx(target_only, rel=1e-3)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("tau", [0.0, 0.5, 1.0, 2.0])
+def test_vs_with_gamma_zero_is_the_logit_adjusted_loss_and_with_tau_zero_too_ce(seed, tau):
+    counts = [11000, 500]
+    logits, target = random_batch(seed, 30, 2)
+    prior = torch.tensor(counts, dtype=torch.float32) / sum(counts)
+    vs = VSLoss(counts, gamma=0.0, tau=tau)
+    assert vs.scales.tolist() == [1.0, 1.0]  # x^0 = 1 exactly
+    torch.testing.assert_close(vs(logits, target), F.cross_entropy(logits + tau * prior.log(), target))
+    # the same buffer as the logit-adjusted loss and Delta = 1: bit for bit
+    assert torch.equal(vs(logits, target), LogitAdjustedLoss(counts, tau)(logits, target))
+    if tau == 0.0:
+        assert torch.equal(vs(logits, target), F.cross_entropy(logits, target))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("counts", [[11000, 500], [11000, 1000, 37]])
+@pytest.mark.parametrize(("gamma", "tau"), [(0.3, 1.0), (1.0, 0.0), (0.0, 1.0), (0.5, 2.0)])
+def test_autobalance_parametric_loss_with_fixed_vs_parameters_is_the_vs_loss(seed, counts, gamma, tau, tmp_path):
+    """AutoBalance's parametric loss -w_y log softmax(Delta * z + l)_y with w = 1, Delta = VS's scales and
+    l = VS's offsets is the VS loss, up to the two invariances of its normalisation (alpha()):
+
+    - the offsets are centred, l - mean(l): a shift of every adjusted logit by one constant, which softmax
+      ignores, so this part is exact;
+    - the scales are divided by their geometric mean g: the adjusted logits become (Delta / g) z, i.e. the VS
+      loss of the logits z / g. So ParametricLoss(g z) = VS(z) exactly, with the same gradient in z and the
+      same softmax of the adjusted logits. For a model with a linear head z = W h + b, g z is the same model
+      with (g W, g b): the two losses train the same set of classifiers (one reparametrised by the constant
+      g > 0), and predictions, argmax z = argmax g z, are identical. Only at the same z do they differ (unless
+      g = 1, e.g. gamma = 0), which the last assertion shows, so the normalisation is not a no-op.
+    """
+    vs = VSLoss(counts, gamma, tau)
+    parametric = ParametricLoss(len(counts), weights=None, scales=vs.scales.tolist(), offsets=vs.offsets.tolist())
+    g = torch.exp(torch.log(vs.scales.double()).mean())  # geometric mean of Delta
+    w, scales, offsets = (t.double() for t in parametric.alpha())
+    torch.testing.assert_close(w, torch.ones(len(counts), dtype=torch.float64))
+    torch.testing.assert_close(scales, vs.scales.double() / g, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(offsets, vs.offsets.double() - vs.offsets.double().mean(), rtol=1e-6, atol=1e-6)
+
+    logits, target = random_batch(seed, 40, len(counts))
+    z = logits.double().requires_grad_(True)
+    z_vs = logits.double().requires_grad_(True)
+    value = parametric(g * z, target)
+    reference = vs(z_vs, target)
+    torch.testing.assert_close(value, reference, rtol=1e-6, atol=1e-7)
+    value.backward()
+    reference.backward()
+    torch.testing.assert_close(z.grad, z_vs.grad, rtol=1e-5, atol=1e-8)
+    adjusted_parametric = torch.softmax(g * logits.double() * scales + offsets, dim=1)
+    adjusted_vs = torch.softmax(logits.double() * vs.scales.double() + vs.offsets.double(), dim=1)
+    torch.testing.assert_close(adjusted_parametric, adjusted_vs, rtol=1e-6, atol=1e-8)
+
+    # the --autobalance-params file a search writes, holding these fixed parameters, loads as the same loss
+    path = tmp_path / "vs_params.json"
+    path.write_text(
+        json.dumps({"weights": [1.0] * len(counts), "scales": vs.scales.tolist(), "offsets": vs.offsets.tolist()})
+    )
+    from_file = ParametricLoss.from_file(path)(g * logits.double(), target)
+    torch.testing.assert_close(from_file, reference.detach(), rtol=1e-6, atol=1e-7)
+    if gamma > 0:  # g != 1: at the same logits the normalised loss is another number
+        assert parametric(logits.double(), target).item() != pytest.approx(reference.item(), rel=1e-4)
+
+
+def test_vs_from_config_reuses_gamma_and_tau():
+    counts = [11000, 500]
+    default = build_loss(RunConfig(loss="vs"), counts)
+    assert (default.gamma, default.tau) == (VS_DEFAULT_GAMMA, 1.0) == (0.3, 1.0)
+    loss = build_loss(RunConfig(loss="vs", gamma=0.5, tau=2.0).validate(), counts)
+    assert loss.scales.tolist() == pytest.approx([1.0, (500 / 11000) ** 0.5])
+    assert loss.offsets.tolist() == pytest.approx([2 * math.log(11000 / 11500), 2 * math.log(500 / 11500)], rel=1e-6)
+    with pytest.raises(ConfigError, match="--gamma is a focal-loss option"):
+        RunConfig(loss="logit-adjusted", gamma=0.5).validate()
+    with pytest.raises(ConfigError, match="--gamma must be >= 0"):
+        RunConfig(loss="vs", gamma=-0.1).validate()
+
+
 def test_posthoc_logit_adjustment_shifts_by_log_prior():
     logits = torch.zeros(1, 2)
     adjusted = posthoc_logit_adjustment(logits, [900, 100], tau=1.0)
@@ -209,6 +323,7 @@ def _all_losses(counts, gamma):
         LDAMLoss(counts, scale=30.0),
         LogitAdjustedLoss(counts),
         BalancedSoftmaxLoss(counts),
+        VSLoss(counts, gamma=gamma),
     ]
 
 
@@ -248,5 +363,11 @@ def test_invalid_arguments_are_rejected():
         FocalLoss(alpha=1.5)
     with pytest.raises(ValueError, match="class_weights"):
         WeightedCrossEntropy([1.0, -1.0])
+    with pytest.raises(ValueError, match="gamma"):
+        VSLoss([100, 10], gamma=-1.0)
+    with pytest.raises(ValueError, match="class_counts"):
+        VSLoss([100])
+    with pytest.raises(ValueError, match="class_counts"):
+        VSLoss([100, 0])
     with pytest.raises(ValueError, match="empty class"):
         build_loss(RunConfig(loss="ce"), [10, 0])

@@ -224,6 +224,7 @@ def test_unknown_flag_is_an_error(capsys):
         "ldam",
         "logit-adjusted",
         "balanced-softmax",
+        "vs",
         "autobalance",
     ],
 )
