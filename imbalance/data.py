@@ -1024,8 +1024,8 @@ class TrainEpochSampler(EpochSampler):
     one sample is dropped, not every incomplete last batch, so a training set smaller than a batch still
     trains. The draw is reshuffled every epoch, so a different sample sits out each time. Under DDP every
     shard has the same length (see `EpochSampler`), so every rank drops the same number and steps alike.
-    A shard of a single sample (a set of fewer than two samples per process) cannot train at all: that is a
-    `DataError` naming `what`, raised when the sampler is made, before any step.
+    Under DDP, a shard of a single sample (a set of fewer than two samples per process, which no drop can
+    mend) is a `DataError` naming `what`, raised when the sampler is made, before any step.
     Validation uses plain `EpochSampler`s and never drops anything.
     """
 
@@ -1043,7 +1043,7 @@ class TrainEpochSampler(EpochSampler):
     ) -> None:
         super().__init__(labels, mode, seed, num_replicas, rank, q=q, epochs=epochs)
         self.batch_size = batch_size
-        if batch_size > 1 and super().__len__() == 1:
+        if batch_size > 1 and num_replicas > 1 and super().__len__() == 1:
             raise DataError(
                 f"{what} has {self.draw_length()} image(s) per epoch, which leaves {num_replicas} process(es) "
                 "one image each: batch norm cannot train on a batch of one; use fewer --devices, or more images"

@@ -81,13 +81,16 @@ def test_two_process_ddp_gives_the_single_process_answer(tmp_path):
     assert summary["global_batch_size"] == 8 and summary["epochs_completed"] == 3
     rows_one, rows_two = read_csv(one / "metrics.csv"), read_csv(two / "metrics.csv")
     for a, b in zip(rows_one, rows_two, strict=True):
-        for key in ("val/tp", "val/fp", "val/tn", "val/fn", "val/f1", "val/precision", "val/recall"):
-            assert float(a[key]) == float(b[key]), key
-        assert float(a["val/auroc"]) == pytest.approx(float(b["val/auroc"]), abs=1e-6)
+        for stage in ("val", "dev"):  # both evaluation sets: the same counts from 1 and from 2 processes
+            for key in ("tp", "fp", "tn", "fn", "f1", "precision", "recall"):
+                assert float(a[f"{stage}/{key}"]) == float(b[f"{stage}/{key}"]), (stage, key)
+            assert float(a[f"{stage}/auroc"]) == pytest.approx(float(b[f"{stage}/auroc"]), abs=1e-6), stage
     preds_one, preds_two = read_csv(one / "predictions.csv"), read_csv(two / "predictions.csv")
     assert [r["path"] for r in preds_one] == [r["path"] for r in preds_two] and len(preds_two) == 13
     for a, b in zip(preds_one, preds_two, strict=True):
-        assert float(a["prob_positive"]) == pytest.approx(float(b["prob_positive"]), abs=1e-5)
+        for column in ("prob_last", "prob_dev_selected"):
+            assert float(a[column]) == pytest.approx(float(b[column]), abs=1e-5), column
+    assert json.loads((one / "summary.json").read_text())["dev_counts"] == summary["dev_counts"]
 
 
 TINY = ["--backbone", "test_resnet", "--image-size", "32", "--epochs", "4", "--logger", "csv"]
@@ -180,7 +183,7 @@ def test_every_loss_finishes_under_ddp_with_uneven_validation_shards(tmp_path):
     # that all-reduces in a validation step (the class-weighted ones did) hangs there; the deadline makes a hang
     # a failure. All losses run one after another in the same two processes to keep the test short. The two
     # ranks are started as torchrun would start them, in one process group, so a hang is killed as a whole.
-    tree = make_class_tree(tmp_path / "pets", {"Cat": 12, "Dog": 24})
+    tree = make_class_tree(tmp_path / "pets", {"Cat": 14, "Dog": 24})
     script = Path(__file__).with_name("ddp_every_loss.py")
     env = {
         **os.environ,
