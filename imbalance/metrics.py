@@ -3,6 +3,10 @@
 One `MetricCollection` is made per stage (`make_metrics().clone(prefix="val/")`); its states are summed
 over the whole epoch and across DDP ranks, so every value is exact for the epoch, never a mean of batches.
 The threshold metrics share one set of confusion counts (torchmetrics' compute groups).
+
+Calibration (GitHub issue 15): `ece`, `brier`, `brier_pos`, `brier_neg` need no threshold; they are defined
+on P(positive) against the 0/1 label (see `BinaryECE` and `BinaryBrierScore`), with `calibration_metrics`
+their NumPy twin. `g_mean` sits beside `balanced_accuracy`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import (
     BinaryAccuracy,
     BinaryAUROC,
@@ -60,13 +64,156 @@ class BinaryMCC(BinaryStatScores):
         return torch.where(den > 0, (tp * tn - fp * fn) / den.clamp(min=1e-300), torch.zeros_like(den)).float()
 
 
+class BinaryGMean(BinaryStatScores):
+    """Geometric mean of recall and specificity, sqrt(TP/(TP+FN) * TN/(TN+FP)): imbalanced-learn's
+    geometric_mean_score of a binary problem (with both classes present). A class with no sample has recall 0
+    (the `_safe_div` convention of the other metrics), so G-mean is 0 when the targets hold one class only."""
+
+    def compute(self) -> Tensor:
+        tp, fp, tn, fn = self._final_state()
+        return torch.sqrt(_safe_div(tp, tp + fn) * _safe_div(tn, tn + fp))
+
+
+ECE_BINS = 15  # the long-tail papers' (and Guo et al.'s) number of equal-width bins
+
+
+def calibration_bin_edges(n_bins: int = ECE_BINS) -> np.ndarray:
+    """The inner edges k / n_bins (k = 1 .. n_bins - 1) of the equal-width bins, as float32 values (returned as
+    float64, exactly): bin b is [edge_b, edge_{b+1}), the last one closed, [edge_{n-1}, 1]. The edges are
+    rounded to float32 once so that the epoch metric (float32 probabilities on the device) and the NumPy twin
+    (the same probabilities read back as float64) put every sample in the same bin, edges included."""
+    return np.array([k / n_bins for k in range(1, n_bins)], dtype=np.float32).astype(np.float64)
+
+
+# The calibration metrics sum probabilities as integers, in units of 2^-32 (each value rounded to the nearest
+# unit once, an error below 1.2e-10 per sample): integer sums are exact, so an epoch's value does not depend on
+# how it was split into batches or ranks, and need no float64 (which MPS lacks). Room for 2^31 samples.
+_UNIT = 2.0**32
+
+
+def _quantize(x: Tensor) -> Tensor:
+    """x in [0, 1] as an integer number of 2^-32 units (x * 2^32 is exact in float32; rounding drops only what
+    lies below one unit)."""
+    return torch.round(x * _UNIT).long()
+
+
+def _nonfinite_count(p: Tensor) -> tuple[Tensor, Tensor]:
+    """(p with non-finite values replaced by 0, the number replaced): a NaN or inf has no integer units."""
+    finite = torch.isfinite(p)
+    return torch.where(finite, p, torch.zeros_like(p)), (~finite).sum()
+
+
+def _nan_unless(ok: bool, value: Tensor) -> Tensor:
+    return value if ok else torch.full_like(value, float("nan"))
+
+
+class BinaryECE(Metric):
+    """Expected calibration error of P(positive), over `n_bins` equal-width bins of [0, 1]:
+
+        ECE = sum_b (n_b / N) |mean(y in b) - mean(p in b)| = sum_b |sum(y in b) - sum(p in b)| / N,
+
+    p the predicted P(positive) and y the 0/1 label: the reliability of the positive-class probability
+    (sklearn's calibration_curve, binned), *not* the top-label confidence max(p, 1 - p) vs accuracy that the
+    multiclass papers bin. This is what torchmetrics' BinaryCalibrationError(n_bins, norm="l1") computes for
+    binary inputs (its "confidences" are the probabilities themselves, its "accuracies" the targets), with two
+    differences, the reasons to have this class: its bins are torch.bucketize(right=True) over n_bins + 1
+    edges, so a probability of exactly 1.0 (a saturated float32 sigmoid) gets a bin of its own instead of the
+    last one; and it keeps every prediction (states gathered with "cat"), where these states are per-bin sums,
+    O(n_bins), integer and exact under DDP (`dist_reduce_fx="sum"`) whatever the batch split. Bins:
+    `calibration_bin_edges`, probabilities compared in float32. A non-finite probability makes the value NaN;
+    no sample, NaN."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, n_bins: int = ECE_BINS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_bins = int(n_bins)
+        # a plain attribute, not a buffer: DDP would broadcast a buffer at every forward
+        self._edges = torch.tensor(calibration_bin_edges(self.n_bins), dtype=torch.float32)
+        self.add_state("count", torch.zeros(self.n_bins, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("positives", torch.zeros(self.n_bins, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("prob_units", torch.zeros(self.n_bins, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("nonfinite", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        p, bad = _nonfinite_count(preds.detach().float().flatten())
+        y = (target.detach().flatten() == 1).long()
+        if self._edges.device != p.device:
+            self._edges = self._edges.to(p.device)
+        bins = torch.bucketize(p, self._edges, right=True).clamp_(0, self.n_bins - 1)
+        self.count.scatter_add_(0, bins, torch.ones_like(bins))
+        self.positives.scatter_add_(0, bins, y)
+        self.prob_units.scatter_add_(0, bins, _quantize(p))
+        self.nonfinite += bad
+
+    def compute(self) -> Tensor:
+        total = self.count.sum()
+        gap = (self.positives * int(_UNIT) - self.prob_units).abs().sum()  # exact, in units
+        value = gap.float() / _UNIT / total.clamp(min=1).float()
+        return _nan_unless(bool(total > 0) and not bool(self.nonfinite > 0), value)
+
+
+class _BinaryBrierStates(Metric):
+    """Sums of (p - y)^2 (in 2^-32 units, exact) and counts within each class, summed over batches and ranks."""
+
+    is_differentiable = False
+    higher_is_better = False
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in ("sq_pos", "sq_neg", "n_pos", "n_neg", "nonfinite"):
+            self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        p, bad = _nonfinite_count(preds.detach().float().flatten())
+        positive = target.detach().flatten() == 1
+        sq = _quantize((p - positive.float()) ** 2)
+        zero = torch.zeros_like(sq)
+        self.sq_pos += torch.where(positive, sq, zero).sum()  # no boolean indexing: no host sync per batch
+        self.sq_neg += torch.where(positive, zero, sq).sum()
+        self.n_pos += positive.sum()
+        self.n_neg += (~positive).sum()
+        self.nonfinite += bad
+
+    def _mean(self, units: Tensor, n: Tensor) -> Tensor:
+        value = units.float() / _UNIT / n.clamp(min=1).float()
+        return _nan_unless(bool(n > 0) and not bool(self.nonfinite > 0), value)
+
+
+class BinaryBrierScore(_BinaryBrierStates):
+    """Brier score mean((p - y)^2) of P(positive) p against the 0/1 label y (sklearn's brier_score_loss).
+    NaN without samples or with a non-finite probability."""
+
+    def compute(self) -> Tensor:
+        return self._mean(self.sq_pos + self.sq_neg, self.n_pos + self.n_neg)
+
+
+class BinaryClassBrierScore(_BinaryBrierStates):
+    """Stratified Brier score (Wallace & Dahabreh, "Class probability estimates are unreliable for imbalanced
+    data (and how to fix them)", ICDM 2012): the Brier score within one class, mean((1 - p)^2) over the
+    positives (`positive=True`, brier_pos) or mean(p^2) over the negatives (brier_neg). On imbalanced data the
+    overall Brier score is dominated by the majority class; brier_pos shows how badly the minority is served.
+    NaN when the class has no sample (undefined; 0 would read as perfect) or a probability is not finite."""
+
+    def __init__(self, positive: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.positive = bool(positive)
+
+    def compute(self) -> Tensor:
+        return self._mean(self.sq_pos, self.n_pos) if self.positive else self._mean(self.sq_neg, self.n_neg)
+
+
 def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     num, den = num.float(), den.float()
     return torch.where(den > 0, num / den.clamp(min=1), torch.zeros_like(num))
 
 
 def make_metrics(threshold: float = 0.5) -> MetricCollection:
-    """Metrics over P(positive) and integer targets. `stat_scores` holds [tp, fp, tn, fn, support]."""
+    """Metrics over P(positive) and integer targets. `stat_scores` holds [tp, fp, tn, fn, support]; `ece`,
+    `brier`, `brier_pos` and `brier_neg` do not depend on the threshold."""
     t = threshold
     return MetricCollection(
         {
@@ -78,9 +225,14 @@ def make_metrics(threshold: float = 0.5) -> MetricCollection:
             "balanced_accuracy": BinaryBalancedAccuracy(threshold=t),
             "macro_f1": BinaryMacroF1(threshold=t),
             "mcc": BinaryMCC(threshold=t),
+            "g_mean": BinaryGMean(threshold=t),
             "stat_scores": BinaryStatScores(threshold=t),
             "average_precision": BinaryAveragePrecision(),
             "auroc": BinaryAUROC(),
+            "ece": BinaryECE(n_bins=ECE_BINS),
+            "brier": BinaryBrierScore(),
+            "brier_pos": BinaryClassBrierScore(positive=True),
+            "brier_neg": BinaryClassBrierScore(positive=False),
         }
     )
 
@@ -111,7 +263,8 @@ def confusion_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -
     labels = np.asarray(labels).astype(int)
     probs = np.asarray(probs)
     if probs.size and not np.isfinite(probs.astype(np.float64)).all():
-        keys = ("precision", "recall", "f1", "specificity", "accuracy", "balanced_accuracy", "macro_f1", "mcc")
+        keys = ("precision", "recall", "f1", "specificity", "accuracy", "balanced_accuracy", "g_mean", "macro_f1")
+        keys += ("mcc",)
         keys += ("tp", "fp", "tn", "fn")
         return {"threshold": float(threshold), **dict.fromkeys(keys, float("nan"))}
     pred = (probs > threshold).astype(int)
@@ -134,12 +287,58 @@ def confusion_metrics(labels: np.ndarray, probs: np.ndarray, threshold: float) -
         "specificity": specificity,
         "accuracy": div(tp + tn, len(labels)),
         "balanced_accuracy": (recall + specificity) / 2,
+        "g_mean": math.sqrt(recall * specificity),
         "macro_f1": (div(2 * tp, 2 * tp + fp + fn) + f1_neg) / 2,
         "mcc": div(tp * tn - fp * fn, mcc_den),
         "tp": tp,
         "fp": fp,
         "tn": tn,
         "fn": fn,
+    }
+
+
+def calibration_bins(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, np.ndarray]:
+    """Per equal-width bin of P(positive) (`calibration_bin_edges`): "count", "positives" (labels that are 1)
+    and "prob_sum" (sum of the probabilities), the states of `BinaryECE`; for ECE and reliability diagrams."""
+    labels = np.asarray(labels).astype(int).ravel()
+    probs = np.asarray(probs, dtype=np.float64).ravel()
+    bins = np.searchsorted(calibration_bin_edges(n_bins), probs, side="right")
+    return {
+        "count": np.bincount(bins, minlength=n_bins),
+        "positives": np.bincount(bins, weights=labels, minlength=n_bins),
+        "prob_sum": np.bincount(bins, weights=probs, minlength=n_bins),
+    }
+
+
+def expected_calibration_error(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """ECE of P(positive) over `n_bins` equal-width bins, the definition of `BinaryECE`; NaN for no sample or
+    a non-finite probability."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.size == 0 or not np.isfinite(probs).all():
+        return float("nan")
+    b = calibration_bins(labels, probs, n_bins)
+    return float(np.abs(b["positives"] - b["prob_sum"]).sum() / probs.size)
+
+
+def calibration_metrics(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> dict[str, float]:
+    """`ece`, `brier`, `brier_pos`, `brier_neg` of (labels, P(positive)) in NumPy (float64), the definitions of
+    `make_metrics`' BinaryECE, BinaryBrierScore and BinaryClassBrierScore: no threshold involved. Every value
+    is NaN when a probability is not finite; a class-wise Brier score is NaN when the class has no sample."""
+    labels = np.asarray(labels).astype(int).ravel()
+    probs = np.asarray(probs, dtype=np.float64).ravel()
+    keys = ("ece", "brier", "brier_pos", "brier_neg")
+    if not np.isfinite(probs).all():
+        return dict.fromkeys(keys, float("nan"))
+    sq = (probs - labels) ** 2
+
+    def mean(x: np.ndarray) -> float:
+        return float(x.mean()) if x.size else float("nan")
+
+    return {
+        "ece": expected_calibration_error(labels, probs, n_bins),
+        "brier": mean(sq),
+        "brier_pos": mean(sq[labels == 1]),
+        "brier_neg": mean(sq[labels == 0]),
     }
 
 
