@@ -46,11 +46,11 @@ def test_dry_run_lists_every_cell_of_the_repository_grid(capsys):
     assert "optimistic" not in GRID.read_text()
 
 
-def test_protocol_slice_grid_plans_six_runs(capsys):
+def test_protocol_slice_grid_plans_its_runs(capsys):
     slice_grid = GRID.parent / "protocol_slice.yaml"
     assert case_study.main(["--grid", str(slice_grid), "--data-dir", "somewhere", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "6 runs, 6 to do, 5 cells" in out
+    assert "12 runs, 12 to do, 7 cells" in out  # CE, weighted, VS, sqrt sampling x 3 seeds; 3 rows reuse CE
     assert "--backbone resnet10t --epochs 12 --lr 0.002 --batch-size 64 --cache --num-workers 1" in out
     assert "--image-size 64 --scale 0.2" in out
     grid = load_grid(slice_grid)
