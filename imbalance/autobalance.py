@@ -267,9 +267,9 @@ def run_search(cfg, run_dir: Path, hw: dict[str, Any], logger, signals=None) -> 
     """AutoBalance's search phase of a run (`cfg` its RunConfig); returns the file of the found loss parameters (rank 0 writes it)."""
     # the run machinery (trainer options, data loading) is imbalance.train's; imported here, not at the top,
     # because imbalance.train imports this module's search for --loss autobalance
-    from imbalance.data import SearchDataModule, default_image_size, load_split
+    from imbalance.data import SearchDataModule, load_split
     from imbalance.model import create_backbone, freeze_all_but_head
-    from imbalance.train import FAST_DEV_RUN_PREFIX, _make_trainer, _normalisation, _num_workers, _trainer_options, say
+    from imbalance.train import FAST_DEV_RUN_PREFIX, _make_trainer, _trainer_options, make_datamodule, say
 
     if cfg.fast_dev_run:  # a smoke test writes nothing into the run directory
         run_dir = Path(tempfile.mkdtemp(prefix=FAST_DEV_RUN_PREFIX))  # removed when the smoke test ends
@@ -287,20 +287,8 @@ def run_search(cfg, run_dir: Path, hw: dict[str, Any], logger, signals=None) -> 
     backbone = create_backbone(cfg.backbone, 2, cfg.pretrained, cfg.weights)
     if cfg.freeze_backbone:  # the search trains what the retrain will train, on the same kind of batches
         freeze_all_but_head(backbone)
-    image_size = cfg.image_size or default_image_size(split)
-    mean, std = _normalisation(backbone)
-    datamodule = SearchDataModule(
-        search,
-        image_size,
-        mean,
-        std,
-        cfg.batch_size,
-        cfg.sampling,
-        cfg.seed,
-        _num_workers(cfg, split),
-        sampling_q=cfg.sampling_q,
-        epochs=cfg.autobalance_search_epochs or cfg.epochs,  # the search's own schedule for --sampling progressive
-    )
+    epochs = cfg.autobalance_search_epochs or cfg.epochs  # also the schedule of --sampling progressive
+    datamodule = make_datamodule(SearchDataModule, cfg, search, backbone, epochs)
     module = AutoBalanceSearch(
         backbone,
         loss,
@@ -311,7 +299,6 @@ def run_search(cfg, run_dir: Path, hw: dict[str, Any], logger, signals=None) -> 
         objective=cfg.autobalance_objective,
         frozen_backbone=cfg.freeze_backbone,
     )
-    epochs = cfg.autobalance_search_epochs or cfg.epochs
     trainer = _make_trainer(
         max_epochs=epochs,
         logger=logger,

@@ -207,6 +207,30 @@ def _num_workers(cfg: RunConfig, split: SplitData) -> int:
     return 0 if split.root is None else min(8, os.cpu_count() or 1)  # the digits live in memory
 
 
+def input_settings(cfg: RunConfig, split: SplitData, backbone) -> tuple[int, tuple, tuple]:
+    """The input size and the normalisation (mean, std) a run feeds its backbone."""
+    return (cfg.image_size or default_image_size(split), *_normalisation(backbone))
+
+
+def make_datamodule(datamodule_class, cfg: RunConfig, split: SplitData, backbone, epochs: int, cache: bool = False):
+    """The run's data module (`ImbalanceDataModule`, or AutoBalance's `SearchDataModule`) over `split`, with
+    `epochs` as the schedule of --sampling progressive."""
+    image_size, mean, std = input_settings(cfg, split, backbone)
+    return datamodule_class(
+        split,
+        image_size,
+        mean,
+        std,
+        cfg.batch_size,
+        cfg.sampling,
+        cfg.seed,
+        _num_workers(cfg, split),
+        cache,
+        sampling_q=cfg.sampling_q,
+        epochs=epochs,
+    )
+
+
 def prepare(cfg: RunConfig, split: SplitData | None = None):
     """Everything before the Trainer: the split, the loss, the backbone, the data module and the module."""
     split = load_split(cfg) if split is None else split
@@ -221,21 +245,8 @@ def prepare(cfg: RunConfig, split: SplitData | None = None):
     except ValueError as error:  # an option the loss rejects for this split (e.g. an empty class)
         raise ConfigError(str(error)) from error
     backbone = create_backbone(cfg.backbone, loss.num_outputs, cfg.pretrained, cfg.weights)
-    image_size = cfg.image_size or default_image_size(split)
-    mean, std = _normalisation(backbone)
-    datamodule = ImbalanceDataModule(
-        split,
-        image_size,
-        mean,
-        std,
-        cfg.batch_size,
-        cfg.sampling,
-        cfg.seed,
-        _num_workers(cfg, split),
-        cfg.cache,
-        sampling_q=cfg.sampling_q,
-        epochs=cfg.epochs,
-    )
+    image_size, mean, std = input_settings(cfg, split, backbone)
+    datamodule = make_datamodule(ImbalanceDataModule, cfg, split, backbone, cfg.epochs, cache=cfg.cache)
 
     module = ImbalanceClassifier(
         backbone,
