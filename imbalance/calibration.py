@@ -13,6 +13,7 @@ the training loop or the recorder. SciPy is always there: scikit-learn depends o
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -115,13 +116,40 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return np.where((z < 0) & (out >= 0.5), np.nextafter(0.5, 0.0), out)
 
 
-def temperature_report(labels: np.ndarray, probs: np.ndarray, temperature: float) -> dict[str, dict[str, float]]:
+def temperature_report(labels: np.ndarray, probs: np.ndarray, temperature: float | None) -> dict[str, dict[str, float]]:
     """NLL, ECE and (stratified) Brier scores of (labels, probs) before and after scaling by `temperature`:
-    {"before": {...}, "after": {...}}, the "reported before and after" of the issue."""
-    out = {}
-    for name, p in (("before", np.asarray(probs, dtype=np.float64)), ("after", apply_temperature(probs, temperature))):
-        out[name] = {"nll": binary_nll(labels, p), **calibration_metrics(labels, p)}
-    return out
+    {"before": {...}, "after": {...}}, the "reported before and after" of the issue. A `temperature` of None
+    (nothing fitted: no dev split) or NaN (fitted on non-finite probabilities) gives {"before": {...}} only."""
+    sets = [("before", np.asarray(probs, dtype=np.float64))]
+    if temperature is not None and np.isfinite(temperature):
+        sets.append(("after", apply_temperature(probs, temperature)))
+    return {name: {"nll": binary_nll(labels, p), **calibration_metrics(labels, p)} for name, p in sets}
+
+
+def calibration_block(
+    dev: dict[str, np.ndarray] | None,
+    reported: dict[str, dict[str, np.ndarray]],
+    no_dev: str = "there is no dev split (--dev-fraction 0)",
+) -> dict[str, Any]:
+    """The "calibration" entry of summary.json and of experiments.evaluate's metrics.json: the temperature
+    fitted on the dev split's predictions `dev` ({"label", "prob"}; None or empty: nothing is fitted, and
+    `no_dev` says why), how it was fitted, and per set of `reported` ({name: {"label", "prob"}}) its
+    `temperature_report`. Nothing is fitted on a reported set other than the dev split itself."""
+    if dev is None or len(dev["prob"]) == 0:
+        temperature, fitted_on = None, f"nothing: {no_dev}, so no temperature is fitted (before only)"
+    else:
+        n = len(dev["prob"])
+        temperature = fit_temperature(dev["label"], dev["prob"])
+        fitted_on = (
+            f"the dev split ({n} photos): minimum NLL of sigmoid(logit/T), Guo et al. 2017"
+            if np.isfinite(temperature)
+            else f"nothing: the dev split ({n} photos) has NaN or infinite probabilities, so the temperature is NaN "
+            "(before only)"
+        )
+    block: dict[str, Any] = {"temperature": temperature, "fitted_on": fitted_on}
+    for name, p in reported.items():
+        block[name] = temperature_report(p["label"], p["prob"], temperature)
+    return block
 
 
 def reliability_diagram_png(

@@ -4,7 +4,8 @@ The run's configuration is stored in the checkpoint, so backbone, input size and
 from it, and the number of outputs from its weights: nothing else the training run wrote is needed, except
 the run's manifest.json when its validation split is evaluated (replayed exactly, never re-drawn), and for
 the decisions: the dev split listed in that manifest is scored too, and the threshold and post-hoc tau are
-chosen on it (`imbalance.metrics.dev_decisions`), never on the evaluated images.
+chosen on it (`imbalance.metrics.dev_decisions`), as is the temperature of the calibration block and of
+reliability.png (`imbalance.calibration`, Guo et al. 2017), never on the evaluated images.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from imbalance.calibration import apply_temperature, calibration_block, reliability_diagram_png
 from imbalance.config import RunConfig
 from imbalance.data import (
     DataError,
@@ -233,12 +235,14 @@ def evaluate(
     num_workers: int = 0,
     manifest: Path | None = None,
 ) -> dict[str, Any]:
-    """Write metrics.json and predictions.csv for `checkpoint` on `data_dir`, or (by default, or with
-    `manifest`) on its run's validation split; `manifest` with `data_dir` replays it under that folder.
+    """Write metrics.json, predictions.csv and reliability.png for `checkpoint` on `data_dir`, or (by default,
+    or with `manifest`) on its run's validation split; `manifest` with `data_dir` replays it under that folder.
 
     `results` holds the metrics at 0.5, at the threshold tuned on the run's dev split (F1 with the dev samples
     weighted to the evaluated set's class prior), after post-hoc logit adjustment with the dev-tuned tau (or
-    the run's fixed --posthoc-la), and at `threshold` when given; each says what chose it."""
+    the run's fixed --posthoc-la), and at `threshold` when given; each says what chose it. `calibration`
+    holds the temperature fitted on the run's dev split (None without one) and the evaluated images' NLL,
+    ECE and Brier scores before and after it; reliability.png draws the same."""
     backbone, hparams = load_checkpoint(checkpoint)
     class_names = tuple(hparams["class_names"])
     evaluates_folder = data_dir is not None and manifest is None
@@ -298,6 +302,7 @@ def evaluate(
         "skipped_files": len(skipped),
         "dev": dev_source if dev is not None else None,
         "results": results,
+        "calibration": calibration_block(dev, {"evaluated": {"label": labels, "prob": probs}}, dev_source),
     }
     if dev is None:
         metrics["note"] = dev_source
@@ -320,4 +325,17 @@ def evaluate(
     out = Path(out)
     atomic_write_text(out / "predictions.csv", buffer.getvalue())
     atomic_write_json(out / "metrics.json", metrics)
+    # the picture last: a plotting problem never costs the numbers
+    temperature = metrics["calibration"]["temperature"]
+    scaled = temperature is not None and np.isfinite(temperature)
+    fitted = f"T = {temperature:.3g} fitted on dev" if scaled else "no temperature fitted"
+    reliability_diagram_png(
+        labels,
+        probs,
+        apply_temperature(probs, temperature) if scaled else None,
+        out / "reliability.png",
+        temperature=temperature if scaled else None,
+        title=f"{len(items)} evaluated images ({fitted})",
+        positive_name=class_names[1],
+    )
     return metrics

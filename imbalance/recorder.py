@@ -1,12 +1,14 @@
-"""What a run writes about itself: metrics.csv (one row per epoch), summary.json (the labelled result sets),
-predictions.csv and the pictures, and the two checkpoints (`best.ckpt`, `last.ckpt`). Rank 0 writes; every
-rank takes part in the collectives (checkpoint saves). How a run trains lives in imbalance.train.
+"""What a run writes about itself: metrics.csv (one row per epoch), summary.json (the labelled result sets,
+and the temperature scaling fitted on the dev split, Guo et al. 2017), predictions.csv and the pictures
+(reliability.png among them), and the two checkpoints (`best.ckpt`, `last.ckpt`). Rank 0 writes; every rank
+takes part in the collectives (checkpoint saves). How a run trains lives in imbalance.train.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import platform
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities import rank_zero_only
 
+from imbalance.calibration import apply_temperature, calibration_block, reliability_diagram_png
 from imbalance.config import RunConfig
 from imbalance.data import SplitData
 from imbalance.io import atomic_write_json, atomic_write_text
@@ -54,10 +57,14 @@ def _selection_key(epoch: int, metrics: dict[str, float]) -> tuple[float, float,
 # says what chose it; nothing is chosen on the validation set itself.
 RESULT_SETS = ("last_epoch", "dev_selected_checkpoint", "dev_tuned_threshold", "posthoc_la")
 
+# The numbers of `RunRecorder.calibration` (per set: last_epoch, dev_selected_checkpoint) that become the W&B
+# run's summary, besides the temperature: `calibration/<set>/val_<metric>_<before|after>`.
+CALIBRATION_SUMMARY = ("ece", "brier", "nll")
+
 
 class RunRecorder(Checkpoint):
-    """Writes metrics.csv, summary.json and predictions.csv of the run directory (rank 0 only), and saves
-    `checkpoints/best.ckpt` at the epoch chosen on the dev split by `BEST_EPOCH_RULE` (not with
+    """Writes metrics.csv, summary.json, predictions.csv and the pictures of the run directory (rank 0 only),
+    and saves `checkpoints/best.ckpt` at the epoch chosen on the dev split by `BEST_EPOCH_RULE` (not with
     --dev-fraction 0: then no epoch is chosen) and `checkpoints/last.ckpt` at the end of every training epoch.
 
     It is a `Checkpoint` so that Lightning calls its `on_train_epoch_end` *after* the module's (as for every
@@ -236,8 +243,26 @@ class RunRecorder(Checkpoint):
                 }
         return out
 
+    def calibration(self) -> dict[str, dict[str, Any]]:
+        """Temperature scaling (Guo et al. 2017) of the last epoch's and of the dev-selected epoch's model:
+        per result set ("last_epoch", "dev_selected_checkpoint"), the temperature fitted on that epoch's dev
+        predictions and the NLL, ECE and Brier scores before and after it, on val and on dev
+        (`calibration.calibration_block`). Without a dev split nothing is fitted: the temperature is None and
+        val has "before" only; with non-finite dev probabilities it is NaN, and "before" only too."""
+        chosen = {"last_epoch": self.last_predictions}
+        if self.best is not None and self.best_predictions is not None:
+            chosen["dev_selected_checkpoint"] = self.best_predictions
+        return {
+            name: calibration_block(
+                predictions.get("dev"), {s: predictions[s] for s in ("val", "dev") if s in predictions}
+            )
+            for name, predictions in chosen.items()
+            if predictions is not None and "val" in predictions
+        }
+
     def write_summary(self, trainer: L.Trainer) -> dict[str, Any]:
         results = self.results()
+        calibration = self.calibration()
         summary: dict[str, Any] = {
             "run_dir": str(self.run_dir),
             "data": self.split.source,
@@ -254,6 +279,7 @@ class RunRecorder(Checkpoint):
             "skipped_files": len(self.split.skipped),
             "epochs_completed": len(self.history),
             "results": results,
+            "calibration": calibration,
             "best": self.best,
             "last": {"epoch": self.history[-1]["epoch"], "metrics": self.history[-1]} if self.history else None,
             "config": self.cfg.to_dict(),
@@ -279,22 +305,29 @@ class RunRecorder(Checkpoint):
         summary["pictures"] = []  # NaN probabilities have no PR curve
         atomic_write_json(self.run_dir / "summary.json", summary)
         if finite:  # pictures last: a plotting problem never costs the numbers
-            summary["pictures"] = self._pictures(trainer, results)
+            summary["pictures"] = self._pictures(trainer, results, calibration)
             atomic_write_json(self.run_dir / "summary.json", summary)
         if type(trainer.logger).__name__ == "WandbLogger":  # the result sets as the W&B run's summary
+            numbers = {f"result/{name}/{key}": value for name, r in results.items() for key, value in r.items()}
+            for name, c in calibration.items():
+                numbers[f"calibration/{name}/temperature"] = c["temperature"]
+                for when, values in c["val"].items():  # "before", and "after" when a temperature was fitted
+                    numbers.update({f"calibration/{name}/val_{k}_{when}": values[k] for k in CALIBRATION_SUMMARY})
             trainer.logger.experiment.summary.update(
                 {
-                    f"result/{name}/{key}": value
-                    for name, r in results.items()
-                    for key, value in r.items()
+                    key: value
+                    for key, value in numbers.items()
                     if isinstance(value, (int, float)) and not isinstance(value, bool)
                 }
             )
         return summary
 
-    def _pictures(self, trainer: L.Trainer, results: dict[str, dict[str, Any]]) -> list[str]:
+    def _pictures(
+        self, trainer: L.Trainer, results: dict[str, dict[str, Any]], calibration: dict[str, dict[str, Any]]
+    ) -> list[str]:
         """PNGs of the last epoch's model on validation (the reported model), and the same (plus interactive
-        plots) in W&B when it is the logger."""
+        plots) in W&B when it is the logger. reliability.png: before and after the temperature fitted on the
+        last epoch's dev predictions (before only when none was fitted)."""
         from imbalance import plots
         from imbalance.data import ImageDataset
 
@@ -318,6 +351,20 @@ class RunRecorder(Checkpoint):
             plots.curves_png(self.history, self.run_dir / "curves.png"),
             plots.mistakes_grid_png(mistakes, labels, probs, dataset.load_image, names, self.run_dir / "mistakes.png"),
         ]
+        temperature = calibration["last_epoch"]["temperature"]
+        scaled = temperature is not None and math.isfinite(temperature)
+        fitted = f"T = {temperature:.3g} fitted on dev" if scaled else "no temperature fitted"
+        files.append(
+            reliability_diagram_png(
+                labels,
+                probs,
+                apply_temperature(probs, temperature) if scaled else None,
+                self.run_dir / "reliability.png",
+                temperature=temperature if scaled else None,
+                title=f"Validation, last epoch {self.last_epoch} ({fitted})",
+                positive_name=names[1],
+            )
+        )
         if type(trainer.logger).__name__ == "WandbLogger":
             self._log_wandb(trainer.logger.experiment, files, labels, probs, mistakes, dataset)
         return [f.name for f in files]

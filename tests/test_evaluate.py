@@ -7,14 +7,18 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import make_class_tree
+from PIL import Image
 
 from experiments import evaluate as evaluate_cli
 from experiments import run as run_cli
+from imbalance.calibration import binary_nll
 from imbalance.config import RunConfig
 from imbalance.data import load_split
+from imbalance.metrics import calibration_metrics
 
 TINY = ["--backbone", "test_resnet", "--image-size", "32", "--batch-size", "64", "--num-workers", "0"]
 TINY += ["--logger", "none"]
@@ -85,6 +89,28 @@ def test_bce_checkpoint_has_one_output(pets, tmp_path, capsys):
     assert [float(r["prob_positive"]) for r in rows] == pytest.approx(  # best.ckpt: the dev-selected epoch
         [float(r["prob_dev_selected"]) for r in expected], abs=1e-4
     )
+
+    # calibration: a temperature fitted on the run's dev split, reported on the evaluated images
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    calibration = json.loads((tmp_path / "ev" / "metrics.json").read_text())["calibration"]
+    assert calibration["fitted_on"].startswith(f"the dev split ({len(manifest['dev'])} photos)")
+    assert 0 < calibration["temperature"] < float("inf") and set(calibration["evaluated"]) == {"before", "after"}
+    labels = np.array([int(r["label"]) for r in rows])
+    probs = np.array([r["prob_positive"] for r in rows], dtype=np.float32)  # %.9g: the model's float32 exactly
+    before = calibration["evaluated"]["before"]
+    assert before == {"nll": binary_nll(labels, probs), **calibration_metrics(labels, probs)}
+    with Image.open(tmp_path / "ev" / "reliability.png") as image:
+        assert image.format == "PNG"
+
+    # away from its run (no manifest) a folder evaluates with nothing to fit a temperature on
+    alone = tmp_path / "alone" / "best.ckpt"
+    alone.parent.mkdir()
+    shutil.copy(run_dir / "checkpoints" / "best.ckpt", alone)
+    code, err = evaluate(capsys, "--checkpoint", str(alone), "--data-dir", str(pets), "--out", "ev-alone")
+    assert code == 0, err
+    calibration = json.loads((tmp_path / "ev-alone" / "metrics.json").read_text())["calibration"]
+    assert calibration["temperature"] is None and calibration["fitted_on"].startswith("nothing: no dev split")
+    assert set(calibration["evaluated"]) == {"before"} and (tmp_path / "ev-alone" / "reliability.png").is_file()
 
 
 @pytest.fixture

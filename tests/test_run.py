@@ -66,7 +66,13 @@ def test_wandb_offline_run_holds_per_epoch_val_f1(tmp_path, capsys):
 def test_pictures_are_valid_pngs(tmp_path):
     run([*TINY, "--epochs", "2", "--logger", "none", "--out", "runs/pics"])
     summary = json.loads((tmp_path / "runs" / "pics" / "summary.json").read_text())
-    assert summary["pictures"] == ["confusion_matrix.png", "pr_curve.png", "curves.png", "mistakes.png"]
+    assert summary["pictures"] == [
+        "confusion_matrix.png",
+        "pr_curve.png",
+        "curves.png",
+        "mistakes.png",
+        "reliability.png",
+    ]
     for name in summary["pictures"]:
         with Image.open(tmp_path / "runs" / "pics" / name) as image:
             image.verify()
