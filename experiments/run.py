@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from imbalance.config import ACCELERATORS, LOGGERS, SAMPLING, SPLIT_PRESETS, ConfigError, RunConfig
+from imbalance.config import ACCELERATORS, DECOUPLED, LOGGERS, SAMPLING, SPLIT_PRESETS, ConfigError, RunConfig
 from imbalance.losses import LOSSES
 
 
@@ -155,6 +155,33 @@ def build_parser() -> argparse.ArgumentParser:
         "dev split (the grid 0, 0.1, ..., 3 maximising dev balanced accuracy), and with --dev-fraction 0 and no "
         "TAU nothing is adjusted",
     )
+    st = p.add_argument_group("decoupled stage 2 (a new classifier on a stage-1 run's frozen features)")
+    st.add_argument(
+        "--decoupled",
+        choices=list(DECOUPLED),
+        help="crt: re-initialise and retrain the classifier with class-balanced sampling; tau-norm: w_c/|w_c|^tau "
+        "(tau chosen on dev); lws: learn one scale per class, class-balanced (Kang et al., ICLR 2020); maxnorm: "
+        "fine-tune it with the class-balanced loss, weight decay and a per-class norm cap (weight balancing, "
+        "Alshammari et al., CVPR 2022). The backbone's features are computed once and never change",
+    )
+    st.add_argument(
+        "--from-run",
+        type=Path,
+        metavar="DIR",
+        help="the finished stage-1 run (its last.ckpt, config and manifest: the same photos); without it, the other "
+        "flags train stage 1 first, in <out>/stage1",
+    )
+    st.add_argument("--stage2-epochs", type=int, help="stage-2 epochs (default 10; tau-norm: 1, it trains nothing)")
+    st.add_argument("--stage2-lr", type=float, help="stage-2 AdamW learning rate, cosine-decayed (default 0.01)")
+    st.add_argument(
+        "--stage2-weight-decay", type=float, help="stage-2 weight decay (default 0; maxnorm: the run's --weight-decay)"
+    )
+    st.add_argument("--tau-norm", type=float, metavar="TAU", help="tau-norm's fixed tau (default: chosen on dev, 0..2)")
+    st.add_argument(
+        "--maxnorm-thresh",
+        type=float,
+        help="maxnorm's cap: min norm + THRESH x (max norm - min norm) of the stage-1 class weights (default 0.1)",
+    )
     o = p.add_argument_group("optimisation")
     o.add_argument(
         "--batch-size",
@@ -229,7 +256,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             raise ConfigError(
                 f"--case-study-cell {cell_id!r} is not a trained cell of {grid_file}; choose from {trained}"
             )
-        for key, value in {**grid.defaults, **cells[cell_id].flags}.items():
+        for key, value in grid.flags_of(cells[cell_id]).items():
             if values[key] == parser.get_default(key):  # a flag given on the command line wins over the grid
                 values[key] = tuple(value) if isinstance(value, list) else value
         values["wandb_group"] = values["wandb_group"] or cell_id

@@ -96,6 +96,7 @@ class Cell:
     lecture: dict[str, Any] = field(default_factory=dict)
     report: str = "last_epoch"
     runs_of: str | None = None
+    stage1: str | None = None  # a decoupled stage 2 (flag decoupled) starts from this cell's run of the same seed
 
 
 @dataclass
@@ -107,6 +108,12 @@ class Grid:
     notes: str = ""  # printed under the table: what the rows can and cannot be compared with
     baselines: dict[str, str] = field(default_factory=dict)  # data set -> the cell every row's Δ is taken to
     path: Path | None = None  # the grid file, for error messages
+
+    def flags_of(self, cell: Cell) -> dict[str, Any]:
+        """The options of the cell's runs: the grid's defaults, its stage-1 cell's flags (a stage 2 keeps the
+        stage-1 run's model and data), then its own."""
+        stage1 = next((c.flags for c in self.cells if c.id == cell.stage1), {}) if cell.stage1 else {}
+        return {**self.defaults, **stage1, **cell.flags}
 
     def seeds_of(self, cell: Cell, override: int | None = None) -> list[int]:
         if override is not None:
@@ -266,12 +273,29 @@ def load_grid(path: Path) -> Grid:
                 f"runs_of must name a trained cell, but {cell.runs_of!r} itself reuses {by_id[cell.runs_of].runs_of!r}",
                 cell.id,
             )
+    for cell in cells:  # a decoupled stage 2 and the cell whose runs it starts from
+        if cell.stage1 is None:
+            if cell.flags.get("decoupled") is not None:
+                fail("has flag decoupled but no stage1: name the cell whose runs stage 2 starts from", cell.id)
+            continue
+        source = by_id.get(cell.stage1) if isinstance(cell.stage1, str) else None
+        if source is None:
+            fail(f"stage1 names unknown cell {cell.stage1!r}", cell.id)
+        if cell.flags.get("decoupled") is None:
+            fail(f"has stage1 {cell.stage1!r} but no flag decoupled (crt, tau-norm, lws or maxnorm)", cell.id)
+        if cell.runs_of is not None:
+            fail("has both runs_of and stage1: a cell either reuses runs or trains a stage 2", cell.id)
+        if source.runs_of is not None or source.stage1 is not None or source.flags.get("decoupled") is not None:
+            fail(f"stage1 must name a plain trained cell, but {source.id!r} is not one", cell.id)
+        own, theirs = (c.seeds if c.seeds is not None else seeds for c in (cell, source))
+        if own > theirs:
+            fail(f"has {own} seeds but its stage1 {source.id!r} only {theirs}", cell.id)
     default_dev = RunConfig().dev_fraction
     for cell in cells:  # a result set that needs a dev split, over runs made without one, is never there
         if cell.report not in DEV_REPORTS:
             continue
         source = by_id[cell.runs_of] if cell.runs_of else cell
-        values = {**defaults, **source.flags}
+        values = {**defaults, **(by_id[source.stage1].flags if source.stage1 else {}), **source.flags}
         if values.get("dev_fraction", default_dev) != 0:
             continue
         if cell.report == "posthoc_la" and values.get("posthoc_la") is not None:
@@ -359,13 +383,19 @@ def plan_runs(grid: Grid, cells: list[Cell], results: Path, overrides: dict[str,
     for cell in cells:  # cells that report another cell's runs need that cell trained
         if cell.runs_of is not None and by_id[cell.runs_of] not in trained:
             trained.append(by_id[cell.runs_of])
+    for cell in list(trained):  # a stage 2 needs its stage-1 runs, trained before it (seed by seed)
+        if cell.stage1 is not None and by_id[cell.stage1] not in trained:
+            trained.append(by_id[cell.stage1])
+    trained.sort(key=lambda c: c.stage1 is not None)  # stable: stage-1 cells first, in grid order
     max_seeds = max((len(grid.seeds_of(c, seeds)) for c in trained), default=0)
     for seed in range(max_seeds):
         for cell in trained:
             if seed not in grid.seeds_of(cell, seeds):
                 continue
-            values = {**grid.defaults, **cell.flags, **{k: v for k, v in overrides.items() if v is not None}}
+            values = {**grid.flags_of(cell), **{k: v for k, v in overrides.items() if v is not None}}
             run_dir = results / "runs" / cell.id / f"seed{seed}"
+            if cell.stage1 is not None:
+                values["from_run"] = str(results / "runs" / cell.stage1 / f"seed{seed}")
             values.update(seed=seed, out=str(run_dir), run_name=f"{grid.name}/{cell.id}/seed{seed}")
             try:  # a bad cell fails before anything trains
                 config = RunConfig.from_dict(values).validate()

@@ -28,13 +28,14 @@ SPLIT_PRESETS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 SAMPLING = ("none", "over", "under", "sqrt", "progressive")
+DECOUPLED = ("crt", "tau-norm", "lws", "maxnorm")  # stage-2 methods of imbalance.decoupled
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # what Lightning's Trainer(precision=...) accepts (its short aliases included), transformer-engine aside
 PRECISIONS = ("32-true", "32", "16-mixed", "16", "bf16-mixed", "bf16", "16-true", "bf16-true", "64-true", "64")
 MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
 
 
-PATH_FIELDS = ("data_dir", "manifest", "weights", "out", "autobalance_params")
+PATH_FIELDS = ("data_dir", "manifest", "weights", "out", "autobalance_params", "from_run")
 
 
 def comparable(values: dict[str, Any]) -> dict[str, Any]:
@@ -92,6 +93,14 @@ class RunConfig:
     autobalance_lr: float = 0.05
     autobalance_objective: str = "balanced-ce"
     posthoc_la: float | None = None  # a fixed post-hoc tau; None: tau is tuned on the dev split
+    # decoupled stage 2 (imbalance.decoupled): a new classifier on the frozen features of a stage-1 run
+    decoupled: str | None = None  # crt | tau-norm | lws | maxnorm
+    from_run: Path | None = None  # the finished stage-1 run; None: stage 1 trains first, in <out>/stage1
+    stage2_epochs: int | None = None  # None: 10 (τ-norm: 1, it trains nothing)
+    stage2_lr: float | None = None  # None: 0.01
+    stage2_weight_decay: float | None = None  # None: 0, and --weight-decay for maxnorm
+    tau_norm: float | None = None  # τ of --decoupled tau-norm; None: chosen on the dev split
+    maxnorm_thresh: float | None = None  # --decoupled maxnorm's cap, between the smallest and largest norm; None: 0.1
     # optimisation
     batch_size: int = 64
     epochs: int = 10
@@ -273,7 +282,41 @@ class RunConfig:
             fail(f"--autobalance-search-epochs must be at least 1, got {self.autobalance_search_epochs}")
         if self.autobalance_params is not None and not Path(self.autobalance_params).is_file():
             fail(f"--autobalance-params {self.autobalance_params} does not exist")
+        self._validate_stage2(fail)
         return self
+
+    def _validate_stage2(self, fail) -> None:
+        method = self.decoupled
+        if method is not None and method not in DECOUPLED:
+            fail(f"--decoupled {method!r} is unknown; choose one of: {', '.join(DECOUPLED)}")
+        stage2 = ("from_run", "stage2_epochs", "stage2_lr", "stage2_weight_decay", "tau_norm", "maxnorm_thresh")
+        given = [name for name in stage2 if getattr(self, name) is not None]
+        if method is None and given:
+            fail(f"--{given[0].replace('_', '-')} is an option of decoupled stage 2; add --decoupled METHOD")
+        if method is None:
+            return
+        trains = ("stage2_epochs", "stage2_lr", "stage2_weight_decay")
+        if method == "tau-norm" and any(getattr(self, n) is not None for n in trains):
+            fail("--decoupled tau-norm trains nothing: drop --stage2-epochs, --stage2-lr and --stage2-weight-decay")
+        if self.tau_norm is not None and method != "tau-norm":
+            fail(f"--tau-norm is the τ of --decoupled tau-norm, but --decoupled is {method!r}")
+        if self.maxnorm_thresh is not None and method != "maxnorm":
+            fail(f"--maxnorm-thresh is the cap of --decoupled maxnorm, but --decoupled is {method!r}")
+        if self.stage2_epochs is not None and self.stage2_epochs < 1:
+            fail(f"--stage2-epochs must be at least 1, got {self.stage2_epochs}")
+        if self.stage2_lr is not None and self.stage2_lr <= 0:
+            fail(f"--stage2-lr must be positive, got {self.stage2_lr}")
+        if self.stage2_weight_decay is not None and self.stage2_weight_decay < 0:
+            fail(f"--stage2-weight-decay must be >= 0, got {self.stage2_weight_decay}")
+        if self.tau_norm is not None and self.tau_norm < 0:
+            fail(f"--tau-norm must be >= 0, got {self.tau_norm}")
+        if self.maxnorm_thresh is not None and not 0 <= self.maxnorm_thresh <= 1:
+            fail(
+                f"--maxnorm-thresh must be in [0, 1] (0: every class capped at the smallest stage-1 norm, 1: at the "
+                f"largest), got {self.maxnorm_thresh}"
+            )
+        if self.loss in ("bce", "sigmoid-focal"):
+            fail(f"--decoupled {method} needs a two-logit classifier; --loss {self.loss} has one logit")
 
     @property
     def gamma_or_default(self) -> float:

@@ -341,11 +341,16 @@ class ImbalanceClassifier(L.LightningModule):
             "prob": probs[order].float().cpu(),
         }
 
-    def configure_optimizers(self):
+    def optimisation(self) -> tuple[float, float, int]:
+        """(learning rate, weight decay, epochs) of the optimiser and its schedule: the run's options."""
         cfg = self.hparams.config
+        return cfg["lr"], cfg["weight_decay"], cfg["epochs"]
+
+    def configure_optimizers(self):
+        lr, weight_decay, epochs = self.optimisation()
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-        epochs = max(1, cfg["epochs"])
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        epochs = max(1, epochs)
 
         def cosine(epoch: int) -> float:
             # closed form, read from the run's --epochs: a --resume that grows --epochs follows the longer

@@ -41,12 +41,14 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from imbalance.config import ConfigError, RunConfig, comparable
 from imbalance.data import ImbalanceDataModule, SplitData, default_image_size, load_manifest, load_split
+from imbalance.decoupled import stage2_epochs
 from imbalance.io import RunDirLocked, RunLock, atomic_write_json, atomic_write_text
 from imbalance.losses import build_loss
 from imbalance.model import ImbalanceClassifier, NonFiniteLossError, create_backbone
 from imbalance.recorder import RunRecorder
 
 FAST_DEV_RUN_PREFIX = "imbalance-fast-dev-run-"
+STAGE1_SUFFIX = "-stage1"  # the run name of the stage 1 that `--decoupled` without --from-run trains first
 RUN_NAME_ENV = "IMBALANCE_RUN_NAME"  # hands the parent's run name to the DDP worker processes it starts
 
 
@@ -99,6 +101,8 @@ def resolve_run(cfg: RunConfig) -> tuple[str, Path]:
             raise ConfigError(f"--resume: {run_dir / 'checkpoints' / 'last.ckpt'} does not exist; nothing to resume")
         return cfg.run_name or run_dir.name, run_dir
     name = cfg.run_name or os.environ.get(RUN_NAME_ENV)
+    if name is not None and cfg.decoupled and cfg.from_run is None:  # a DDP worker started by its stage 1
+        name = name.removesuffix(STAGE1_SUFFIX)
     if name is None:
         data = "digits" if cfg.data_dir is None else (cfg.split or "all")
         name = f"{cfg.loss}-{cfg.backbone}-{data}-seed{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -234,6 +238,10 @@ def make_datamodule(datamodule_class, cfg: RunConfig, split: SplitData, backbone
 def prepare(cfg: RunConfig, split: SplitData | None = None):
     """Everything before the Trainer: the split, the loss, the backbone, the data module and the module."""
     split = load_split(cfg) if split is None else split
+    if cfg.decoupled is not None:  # stage 2 on a stage-1 run's frozen features
+        from imbalance.decoupled import prepare as prepare_stage2
+
+        return prepare_stage2(cfg, split)
     say(
         f"data: {split.source}; train {split.train_counts[1]} {split.class_names[1]} / {split.train_counts[0]} "
         f"{split.class_names[0]}, dev {split.dev_counts[1]} / {split.dev_counts[0]}, "
@@ -306,6 +314,7 @@ RUN_FILES = (
     "pr_curve.png",
     "curves.png",
     "mistakes.png",
+    "reliability.png",
     "wandb",
     "wandb_id.txt",
     "csv",
@@ -581,6 +590,14 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
         raise ConfigError("--resume continues the run in its folder and --overwrite replaces it; give only one")
     if cfg.resume:
         cfg = resumed_config(cfg, given)
+        if cfg.decoupled is not None:
+            raise ConfigError(
+                f"--resume: {cfg.out} is a decoupled stage-2 run, which retrains from its stage-1 run in little "
+                f"time; start it again with --overwrite (a stage 1 trained in {cfg.out / 'stage1'} by the same "
+                "command can itself be resumed with --resume --out on that folder)"
+            )
+    if cfg.decoupled is not None:
+        cfg = _stage2_config(cfg, given)
     cfg.validate()
     hw = hardware(cfg)
     run_name, run_dir = resolve_run(cfg)
@@ -604,12 +621,15 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
                 raise ConfigError("--manifest replays a saved split, its dev part included; drop --dev-fraction")
             # a resumed run continues on the split it was trained on, replayed from its manifest (a folder that
             # changed since would redraw train and dev, and move photos it trained on into dev)
-            split = (
-                load_manifest(run_dir / "manifest.json", cfg.data_dir, what="--resume: the run's manifest")
-                if cfg.resume
-                else load_split(cfg)
-            )
-            if cfg.manifest is not None or cfg.resume:  # record the fraction the replayed split was made with
+            if cfg.resume:
+                split = load_manifest(run_dir / "manifest.json", cfg.data_dir, what="--resume: the run's manifest")
+            elif cfg.from_run is not None:  # decoupled stage 2: the stage-1 run's photos, exactly
+                split = load_manifest(
+                    Path(cfg.from_run) / "manifest.json", cfg.data_dir, what="--from-run: the stage-1 run's manifest"
+                )
+            else:
+                split = load_split(cfg)
+            if cfg.manifest is not None or cfg.resume or cfg.from_run is not None:  # the replayed split's fraction
                 cfg = replace(cfg, dev_fraction=split.dev_fraction)
             if cfg.data_dir is not None:  # stored resolved: the run resumes and evaluates from any directory
                 cfg = replace(cfg, data_dir=Path(cfg.data_dir).resolve())
@@ -618,12 +638,12 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
             global_batch = cfg.batch_size * hw["devices"] * hw["num_nodes"]
             recorder = RunRecorder(run_dir, cfg, split, {"global_batch_size": global_batch})
             trainer = _make_trainer(  # a --fast-dev-run smoke test writes nothing: no recorder, no checkpoints
-                max_epochs=cfg.epochs,
+                max_epochs=stage2_epochs(cfg) if cfg.decoupled else cfg.epochs,
                 logger=logger,
                 callbacks=[] if cfg.fast_dev_run else [recorder],  # it saves best.ckpt and last.ckpt
                 **_trainer_options(cfg, hw, run_dir),
             )
-            if cfg.loss == "autobalance" and cfg.autobalance_params is None:
+            if cfg.loss == "autobalance" and cfg.autobalance_params is None and cfg.decoupled is None:
                 from imbalance.autobalance import run_search
 
                 create_backbone(cfg.backbone, 2, cfg.pretrained, cfg.weights)  # --weights checked before any file
@@ -633,6 +653,8 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
                 recorder.cfg = cfg
                 L.seed_everything(cfg.seed, workers=True, verbose=False)  # the retrain starts as any other run
             split, module, datamodule = prepare(cfg, split)
+            if cfg.decoupled is not None:
+                recorder.extra["decoupled"] = module.describe()
             if shapes is not None:
                 check_checkpoint_fits(module, shapes, ckpt_path)
             folder.take()
@@ -669,6 +691,38 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
         )
     say(f"summary: {run_dir / 'summary.json'}")
     return summary
+
+
+def _stage2_config(cfg: RunConfig, given: Iterable[str] | None) -> RunConfig:
+    """A `--decoupled` run's configuration: with --from-run, the stage-1 run's options and this run's stage-2
+    ones (`imbalance.decoupled.stage2_config`); without it, stage 1 is trained first, in <out>/stage1."""
+    from imbalance.decoupled import read_stage1, stage2_config
+
+    given = None if given is None else set(given)
+    if cfg.from_run is None:
+        cfg.validate()
+        run_name, run_dir = resolve_run(cfg)
+        cfg = replace(cfg, run_name=run_name, out=run_dir)
+        if not cfg.fast_dev_run and owns_run_dir(run_dir):  # a stage 2 it may not replace fails before stage 1
+            check_run_dir(run_dir, False, cfg.overwrite)
+        stage1 = replace(
+            cfg,
+            decoupled=None,
+            stage2_epochs=None,
+            stage2_lr=None,
+            stage2_weight_decay=None,
+            tau_norm=None,
+            maxnorm_thresh=None,
+            run_name=run_name + STAGE1_SUFFIX,
+            out=run_dir / "stage1",
+        )
+        say(f"--decoupled {cfg.decoupled} without --from-run: training stage 1 in {stage1.out} first")
+        fit(stage1, given=None if given is None else given - {"decoupled", "out", "run_name"})
+        if cfg.fast_dev_run:  # stage 1 wrote nothing: stage 2's smoke test starts from a fresh network
+            return cfg
+        cfg = replace(cfg, from_run=run_dir / "stage1")
+        given = None if given is None else given | {"from_run"}
+    return stage2_config(cfg, read_stage1(Path(cfg.from_run)), given)
 
 
 def _completed(cfg: RunConfig, recorder: RunRecorder | None) -> bool:
