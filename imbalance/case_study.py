@@ -480,6 +480,9 @@ class Run:
     labels: np.ndarray  # (N,) 0/1
     predicted: np.ndarray  # (N,) bool: prob > threshold, the rule the run used
     finite: bool  # False for a diverged model (NaN probabilities): no interval, NaN metrics
+    # val ECE of the row's model before and after the temperature fitted on dev (summary.json "calibration");
+    # None for a run written before runs recorded it, or without a fitted temperature
+    ece: tuple[float, float | None] | None = None
 
 
 @dataclass
@@ -628,7 +631,22 @@ class _Reader:
                     f"{run_dir}: {name} recomputed from predictions.csv ({column} > {threshold!r}) is {recomputed!r} "
                     f"but summary.json results[{report!r}] says {recorded!r}; the run's files disagree: rerun it"
                 )
-        return Run(seed, run_dir, result, positives, negatives, tuple(table["path"]), labels, predicted, finite)
+        run = Run(seed, run_dir, result, positives, negatives, tuple(table["path"]), labels, predicted, finite)
+        run.ece = _val_ece(summary, report)
+        return run
+
+
+def _val_ece(summary: dict[str, Any], report: str) -> tuple[float, float | None] | None:
+    """(ECE before, after temperature scaling) on val of the model behind `report`: the dev-selected epoch's for
+    that result set, else the last epoch's (a threshold or a post-hoc τ does not change its probabilities)."""
+    model = "dev_selected_checkpoint" if report == "dev_selected_checkpoint" else "last_epoch"
+    try:
+        val = summary["calibration"][model]["val"]
+        before = float(val["before"]["ece"])
+        after = float(val["after"]["ece"]) if "after" in val else None
+    except (KeyError, TypeError, ValueError):
+        return None
+    return before, after
 
 
 RESULT_NUMBERS = tuple(dict.fromkeys(("threshold", "f1", "balanced_accuracy", *(key for _, key in COLUMNS))))
@@ -709,6 +727,10 @@ def _trained_row(
         values = np.array([float(r.result[key]) for r in runs])
         std = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         row.means[column] = (float(values.mean()), std) if len(values) else None
+    for column, index in (("ece", 0), ("ece_scaled", 1)):  # only when every run recorded it
+        values = [r.ece[index] if r.ece is not None else None for r in runs]
+        if runs and all(v is not None for v in values):
+            row.means[column] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
     if not runs:
         return row
     row.val = (runs[0].positives, runs[0].negatives)
@@ -825,6 +847,14 @@ def _counts(row: Row, column: str, total: int | None) -> str:
     return f"{text} / {total}" if total is not None and row.seeds else text
 
 
+def _ece(row: Row, seeds: int) -> str:
+    """Val ECE before → after the temperature fitted on dev; empty for runs that did not record it."""
+    if row.means.get("ece") is None:
+        return ""
+    before = _mean_std(row.means["ece"], 3, seeds)
+    return before + (f" → {_mean_std(row.means['ece_scaled'], 3, seeds)}" if row.means.get("ece_scaled") else "")
+
+
 def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.6f}"
 
@@ -840,6 +870,10 @@ CSV_HEADER = [
     "failed",
     "unreported",
     *[f"{c}_{s}" for c, _ in COLUMNS for s in ("mean", "std")],
+    "ece_mean",
+    "ece_std",
+    "ece_scaled_mean",
+    "ece_scaled_std",
     "f1_low",
     "f1_high",
     "balanced_accuracy_low",
@@ -868,9 +902,9 @@ def render_table(rows: list[Row], header: str) -> tuple[str, str]:
         header,
         "",
         "| data | method | seeds | F1 [95% CI] | Δ F1 vs baseline [95% CI] | balanced acc. [95% CI] "
-        "| Δ bal. acc. [95% CI] | AP | correct cats | correct dogs | precision | recall | vs all-cat "
-        "| lecture F1 (VGG16) | lecture cats / dogs of 1500 | lecture F1 (ResNet) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Δ bal. acc. [95% CI] | AP | ECE → temperature-scaled | correct cats | correct dogs | precision | recall "
+        "| vs all-cat | lecture F1 (VGG16) | lecture cats / dogs of 1500 | lecture F1 (ResNet) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -888,7 +922,7 @@ def render_table(rows: list[Row], header: str) -> tuple[str, str]:
             f"| {row.data} | {row.method} | {seeds_text} | {_with_interval(row, 'f1', row.f1_ci)} "
             f"| {_delta(row, row.delta_f1)} | {_with_interval(row, 'balanced_accuracy', row.ba_ci)} "
             f"| {_delta(row, row.delta_ba)} | {_mean_std(row.means.get('average_precision'), 3, n)} "
-            f"| {_counts(row, 'correct_pos', val_pos)} | {_counts(row, 'correct_neg', val_neg)} "
+            f"| {_ece(row, n)} | {_counts(row, 'correct_pos', val_pos)} | {_counts(row, 'correct_neg', val_neg)} "
             f"| {_mean_std(row.means.get('precision'), 3, n)} | {_mean_std(row.means.get('recall'), 3, n)} "
             f"| {verdict} | {lec.get('f1', '')} "
             f"| {lec.get('cats', '')}{' / ' if 'cats' in lec else ''}{lec.get('dogs', '')} | {lec.get('resnet_f1', '')} |"
@@ -901,6 +935,11 @@ def render_table(rows: list[Row], header: str) -> tuple[str, str]:
                 if row.means.get(c) is not None
                 else ("", "")
             )
+        ]
+        eces = [
+            _number(row.means[c][i]) if row.means.get(c) is not None else ""
+            for c in ("ece", "ece_scaled")
+            for i in (0, 1)
         ]
         cis = [_number(x) for ci in (row.f1_ci, row.ba_ci) for x in (ci if ci else (None, None))]
         deltas = [
@@ -921,6 +960,7 @@ def render_table(rows: list[Row], header: str) -> tuple[str, str]:
                 row.failed,
                 row.unreported,
                 *means,
+                *eces,
                 *cis,
                 *deltas,
                 delta_seeds,
