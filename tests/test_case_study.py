@@ -16,7 +16,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from experiments import case_study
 from imbalance import stats
-from imbalance.case_study import BETTER, BOOTSTRAP_SEED, NOT_BETTER, REPORTS, load_grid, plan_runs
+from imbalance.case_study import BETTER, BOOTSTRAP_SEED, NOT_BETTER, REPORTS, _val_ece, load_grid, plan_runs
 from imbalance.config import ConfigError
 
 GRID = Path(__file__).resolve().parents[1] / "experiments" / "case_study.yaml"
@@ -580,3 +580,34 @@ def test_grid_values_that_fit_but_fail_validation_name_the_cell(tmp_path, capsys
     with pytest.raises(SystemExit):
         case_study.main(["--grid", str(grid_file), "--dry-run"])
     assert "cell 'd/ce'" in one_line_error(capsys)
+
+
+def test_ece_columns_average_each_runs_calibration_record(tmp_path):
+    grid, results = fake_results(tmp_path)
+    recorded = {}
+    for seed in range(3):
+        for cell, before, after in (("d1/ce", 0.30, 0.10), ("d1/good", 0.2, None)):
+
+            def add(summary, seed=seed, before=before, after=after):
+                val = {"before": {"ece": before + seed / 100}}
+                if after is not None:
+                    val["after"] = {"ece": after + seed / 50}
+                summary["calibration"] = {
+                    "last_epoch": {"temperature": 1.5, "val": val},
+                    "dev_selected_checkpoint": {"temperature": 2.0, "val": {"before": {"ece": 0.9}}},
+                }
+
+            edit_summary(results / "runs" / cell / f"seed{seed}" / "summary.json", add)
+            recorded.setdefault(cell, []).append((before + seed / 100, None if after is None else after + seed / 50))
+    assert table_only(grid, results) == 0
+    rows = table_rows(results)
+    before, after = zip(*recorded["d1/ce"], strict=True)
+    assert float(rows["d1/ce"]["ece_mean"]) == pytest.approx(np.mean(before), abs=1e-6)
+    assert float(rows["d1/ce"]["ece_std"]) == pytest.approx(np.std(before, ddof=1), abs=1e-6)
+    assert float(rows["d1/ce"]["ece_scaled_mean"]) == pytest.approx(np.mean(after), abs=1e-6)
+    assert rows["d1/ce-tuned"]["ece_mean"] == rows["d1/ce"]["ece_mean"]  # a threshold keeps the probabilities
+    assert rows["d1/good"]["ece_mean"] != "" and rows["d1/good"]["ece_scaled_mean"] == ""  # no temperature
+    assert "0.310 ± 0.010 → 0.120 ± 0.020" in (results / "table.md").read_text()
+    assert all(rows[c]["ece_mean"] == "" for c in rows if c.startswith("d2/"))  # runs without the record
+    summary = json.loads((results / "runs" / "d1" / "ce" / "seed0" / "summary.json").read_text())
+    assert _val_ece(summary, "dev_selected_checkpoint") == (0.9, None)  # that epoch's own model
