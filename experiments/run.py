@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args, parser).validate()
-        if cfg.data_dir is None and cfg.manifest is None and not cfg.resume:  # a resumed run says what it uses
+        # a resumed run and a stage 2 say what they use (the stage-1 run's data)
+        if cfg.data_dir is None and cfg.manifest is None and not cfg.resume and cfg.from_run is None:
             say(
                 "no --data-dir and no data/PetImages: using the embedded digits data set "
                 "(scikit-learn's handwritten '8' vs the other digits, about 1:9)"

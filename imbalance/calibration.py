@@ -146,7 +146,16 @@ def calibration_block(
             else f"nothing: the dev split ({n} photos) has NaN or infinite probabilities, so the temperature is NaN "
             "(before only)"
         )
-    block: dict[str, Any] = {"temperature": temperature, "fitted_on": fitted_on}
+        if temperature in TEMPERATURE_BOUNDS:  # separated (or all wrong) dev samples: the NLL has no minimum inside
+            fitted_on += (
+                f"; T = {temperature:g} is the bound of the search {TEMPERATURE_BOUNDS}: the dev predictions are "
+                "perfectly separated (or all on the wrong side), so this T is not a fitted calibration"
+            )
+    block: dict[str, Any] = {
+        "temperature": temperature,
+        "at_bound": bool(temperature in TEMPERATURE_BOUNDS),
+        "fitted_on": fitted_on,
+    }
     for name, p in reported.items():
         block[name] = temperature_report(p["label"], p["prob"], temperature)
     return block

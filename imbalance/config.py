@@ -317,6 +317,11 @@ class RunConfig:
             )
         if self.loss in ("bce", "sigmoid-focal"):
             fail(f"--decoupled {method} needs a two-logit classifier; --loss {self.loss} has one logit")
+        if method == "tau-norm" and self.tau_norm is None and self.dev_fraction == 0:
+            fail(
+                "--decoupled tau-norm chooses τ on the dev split, but --dev-fraction is 0 (no dev split; with "
+                "--from-run, the stage-1 run's); give --tau-norm T"
+            )
 
     @property
     def gamma_or_default(self) -> float:

@@ -82,7 +82,17 @@ STAGE2_OPTIONS = {
     "extra",
 }
 # how stage 2 runs rather than what it learns from: the stage-1 run's value unless given here
-STAGE2_MAY_CHANGE = {"batch_size", "num_workers", "cache", "precision", "compile", "channels_last", "deterministic"}
+# (data_dir: the stage-1 photos under another folder; the manifest replay checks they are the same files)
+STAGE2_MAY_CHANGE = {
+    "batch_size",
+    "num_workers",
+    "cache",
+    "precision",
+    "compile",
+    "channels_last",
+    "deterministic",
+    "data_dir",
+}
 
 
 def stage2_epochs(cfg: RunConfig) -> int:
@@ -154,7 +164,13 @@ def stage2_config(cfg: RunConfig, stage1: RunConfig, given: set[str] | None = No
             "--tau-norm, --maxnorm-thresh)."
         )
     own = {name: getattr(cfg, name) for name in STAGE2_OPTIONS | (STAGE2_MAY_CHANGE & given)}
-    return replace(stage1, **own).validate()
+    from_run = Path(cfg.from_run).resolve()  # stored resolved, as data_dir: the record outlives the cwd
+    if cfg.out is not None and (Path(cfg.out).resolve() == from_run or from_run in Path(cfg.out).resolve().parents):
+        raise ConfigError(
+            f"--out {cfg.out} is the stage-1 run --from-run {cfg.from_run} (or inside it): stage 2 would replace the "
+            "run it reads; give stage 2 its own --out"
+        )
+    return replace(stage1, **{**own, "from_run": from_run}).validate()
 
 
 def check_stage2(cfg: RunConfig, split: SplitData) -> None:
@@ -260,7 +276,8 @@ def choose_tau_norm(
     weight: Tensor, bias: Tensor | None, features: Tensor, labels: Tensor, taus=TAU_NORM_GRID
 ) -> tuple[float, dict[str, float]]:
     """The τ of `taus` with the highest balanced accuracy (argmax of the τ-normalised logits) on (features,
-    labels), the dev split's; ties go to the smaller τ (the smaller change to the stage-1 classifier).
+    labels), the dev split's; ties go to the smaller τ (when every τ ties, τ = 0: the stage-1 weights, less
+    the bias that τ-normalisation always drops).
     Returns τ and the dev balanced accuracy of every τ."""
     scores = {}
     for tau in taus:
@@ -329,7 +346,7 @@ class DecoupledClassifier(ImbalanceClassifier):
         self.tau = cfg.tau_norm if self.method == "tau-norm" else None  # set by `choose_tau` when None
         self.tau_scores: dict[str, float] | None = None
         self.cap = None
-        if self.method == "maxnorm":
+        if self.method == "maxnorm":  # projected once before the first step too: no evaluated head exceeds the cap
             self.cap = maxnorm_cap(
                 head.weight, DEFAULT_MAXNORM_THRESH if cfg.maxnorm_thresh is None else cfg.maxnorm_thresh
             )

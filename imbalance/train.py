@@ -593,13 +593,16 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
         if cfg.decoupled is not None:
             raise ConfigError(
                 f"--resume: {cfg.out} is a decoupled stage-2 run, which retrains from its stage-1 run in little "
-                f"time; start it again with --overwrite (a stage 1 trained in {cfg.out / 'stage1'} by the same "
-                "command can itself be resumed with --resume --out on that folder)"
+                f"time; start it again with: python -m experiments.run --decoupled {cfg.decoupled} --from-run "
+                f"{cfg.from_run} --out {cfg.out} --overwrite"
             )
     if cfg.decoupled is not None:
         cfg = _stage2_config(cfg, given)
     cfg.validate()
     hw = hardware(cfg)
+    if cfg.decoupled == "tau-norm" and hw["devices"] * hw["num_nodes"] > 1:  # DDP needs something to train
+        say("--decoupled tau-norm trains nothing: it runs in one process")
+        hw = {**hw, "devices": 1, "num_nodes": 1, "strategy": "auto"}
     run_name, run_dir = resolve_run(cfg)
     overwrite = cfg.overwrite
     cfg = replace(cfg, run_name=run_name, out=run_dir, overwrite=False)  # an action, not part of the run
@@ -716,13 +719,27 @@ def _stage2_config(cfg: RunConfig, given: Iterable[str] | None) -> RunConfig:
             run_name=run_name + STAGE1_SUFFIX,
             out=run_dir / "stage1",
         )
-        say(f"--decoupled {cfg.decoupled} without --from-run: training stage 1 in {stage1.out} first")
-        fit(stage1, given=None if given is None else given - {"decoupled", "out", "run_name"})
+        if _finished_stage1(stage1) and not cfg.overwrite:  # e.g. a stage 2 that failed: keep its stage 1
+            say(f"--decoupled {cfg.decoupled}: reusing the finished stage 1 in {stage1.out}")
+        else:
+            say(f"--decoupled {cfg.decoupled} without --from-run: training stage 1 in {stage1.out} first")
+            fit(stage1, given=None if given is None else given - {"decoupled", "out", "run_name"})
         if cfg.fast_dev_run:  # stage 1 wrote nothing: stage 2's smoke test starts from a fresh network
             return cfg
         cfg = replace(cfg, from_run=run_dir / "stage1")
         given = None if given is None else given | {"from_run"}
     return stage2_config(cfg, read_stage1(Path(cfg.from_run)), given)
+
+
+def _finished_stage1(stage1: RunConfig) -> bool:
+    """Whether <out>/stage1 holds a finished run of exactly this stage-1 configuration."""
+    try:
+        stored = RunConfig.from_stored(json.loads((Path(stage1.out) / "summary.json").read_text())["config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    where = {"out", "run_name", "overwrite", "resume", "num_workers", "logger", "autobalance_params"}
+    wanted, kept = comparable(stage1.to_dict()), comparable(stored.to_dict())
+    return all(kept[k] == v for k, v in wanted.items() if k not in where)
 
 
 def _completed(cfg: RunConfig, recorder: RunRecorder | None) -> bool:

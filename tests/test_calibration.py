@@ -120,3 +120,16 @@ def test_reliability_diagram_is_written(tmp_path, after):
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size[0] > 300
     assert not list(path.parent.glob(".*.tmp"))  # written atomically
+
+
+def test_a_temperature_on_the_search_bound_is_flagged_not_reported_as_a_fit():
+    from imbalance.calibration import TEMPERATURE_BOUNDS, calibration_block
+
+    labels = np.array([0, 0, 1, 1])
+    separated = {"label": labels, "prob": np.array([0.2, 0.3, 0.7, 0.9])}
+    block = calibration_block(separated, {"val": separated})
+    assert block["temperature"] == TEMPERATURE_BOUNDS[0] and block["at_bound"]
+    assert "not a fitted calibration" in block["fitted_on"]
+    mixed = {"label": labels, "prob": np.array([0.2, 0.6, 0.4, 0.9])}
+    block = calibration_block(mixed, {"val": mixed})
+    assert not block["at_bound"] and "not a fitted" not in block["fitted_on"]

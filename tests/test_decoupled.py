@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from imbalance.decoupled import (
     choose_tau_norm,
     maxnorm_cap,
     project_max_norm,
+    stage2_config,
     tau_normalised,
 )
 from imbalance.evaluate import evaluate, load_checkpoint
@@ -64,6 +66,7 @@ def test_stage2_changes_only_the_head_and_keeps_the_split(stage1, tmp_path, meth
     summary = json.loads((out / "summary.json").read_text())
     record = summary["decoupled"]
     assert record["method"] == method and summary["epochs_completed"] == (1 if method == "tau-norm" else 3)
+    assert summary["config"]["from_run"] == str(stage1.resolve())  # stored resolved, like data_dir
     if method == "tau-norm":
         assert torch.allclose(w1, tau_normalised(w0, record["tau"]), atol=1e-7)
         assert not after["backbone.fc.bias"].any()  # the authors' τ-norm drops the bias
@@ -185,6 +188,12 @@ def test_one_command_trains_stage_one_in_its_subfolder(tmp_path, capsys):
     with pytest.raises(SystemExit):  # a second time without --overwrite: refused before stage 1 trains again
         run_cli.main(args)
     assert "already holds" in capsys.readouterr().err
+    stage1_summary = (out / "stage1" / "summary.json").read_bytes()
+    for name in ("summary.json", "config.json", "checkpoints"):  # as if stage 2 had failed: stage 1 is kept
+        shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+    assert run_cli.main(args) == 0
+    assert "reusing the finished stage 1" in capsys.readouterr().out
+    assert (out / "stage1" / "summary.json").read_bytes() == stage1_summary and (out / "summary.json").is_file()
 
 
 @pytest.mark.parametrize(
@@ -206,6 +215,26 @@ def test_stage2_option_errors_are_one_line(stage1, tmp_path, capsys, extra, mess
     assert not (tmp_path / "x").exists()
 
 
+def test_stage2_never_writes_over_its_stage1_run(stage1, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(stage1, copy)
+    before = (copy / "summary.json").read_bytes()
+    for out in (copy, copy / "inside"):
+        with pytest.raises(SystemExit):
+            run_cli.main(["--decoupled", "crt", "--from-run", str(copy), "--out", str(out), "--overwrite"])
+        assert "would replace the run it reads" in capsys.readouterr().err
+    assert (copy / "summary.json").read_bytes() == before and not (copy / "inside").exists()
+
+
+def test_stage2_may_read_the_stage1_photos_under_another_folder(tmp_path):
+    stage1 = RunConfig(data_dir=tmp_path / "photos", split="balanced", scale=0.1, lr=0.002)
+    cfg = RunConfig(decoupled="crt", from_run=tmp_path / "s1", data_dir=tmp_path / "moved", out=tmp_path / "s2")
+    merged = stage2_config(cfg, stage1, given={"decoupled", "from_run", "data_dir", "out"})
+    assert merged.data_dir == tmp_path / "moved" and merged.lr == 0.002 and merged.split == "balanced"
+    with pytest.raises(ConfigError, match="--lr 0.1"):
+        stage2_config(replace(cfg, lr=0.1), stage1, given={"decoupled", "from_run", "lr"})
+
+
 def test_stage2_options_need_decoupled_and_a_finished_two_logit_run(stage1, tmp_path):
     with pytest.raises(ConfigError, match="--from-run is an option of decoupled stage 2"):
         RunConfig(from_run=stage1).validate()
@@ -213,6 +242,9 @@ def test_stage2_options_need_decoupled_and_a_finished_two_logit_run(stage1, tmp_
         RunConfig(decoupled="tau-norm", stage2_lr=0.1).validate()
     with pytest.raises(ConfigError, match="one logit"):
         RunConfig(decoupled="crt", loss="bce").validate()
+    with pytest.raises(ConfigError, match="give --tau-norm T"):  # known before stage 1 trains
+        RunConfig(decoupled="tau-norm", dev_fraction=0.0).validate()
+    RunConfig(decoupled="tau-norm", dev_fraction=0.0, tau_norm=1.0).validate()
     unfinished = tmp_path / "unfinished"
     shutil.copytree(stage1, unfinished)
     (unfinished / "summary.json").unlink()
@@ -274,6 +306,15 @@ def test_two_process_stage2_gives_the_single_process_answer(stage1, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         outputs[name] = np.loadtxt(tmp_path / name / "predictions.csv", delimiter=",", skiprows=1, usecols=2)
     assert np.allclose(outputs["one"], outputs["two"], atol=1e-5)
+    # τ-norm trains nothing, which DDP cannot wrap: asked for 2 processes, it runs in one
+    tau_args = ["--decoupled", "tau-norm", "--from-run", str(stage1), "--logger", "none", "--accelerator", "cpu"]
+    tau = subprocess.run(
+        [sys.executable, "-m", "experiments.run", *tau_args, "--devices", "2", "--out", str(tmp_path / "tau")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert tau.returncode == 0 and "runs in one process" in tau.stdout, tau.stderr[-3000:]
     summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in outputs}
     assert sum(summaries["two"]["dev_counts"].values()) % 2 == 1  # uneven dev shards: 68 and 67 photos
     for name in ("dev_tuned_threshold", "posthoc_la"):  # decisions on the gathered dev predictions

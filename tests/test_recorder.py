@@ -155,7 +155,7 @@ def test_calibration_without_a_dev_split_fits_nothing(tmp_path, monkeypatch):
     assert set(c) == {"last_epoch"}  # no dev-selected epoch either
     c = c["last_epoch"]
     assert c["temperature"] is None and c["fitted_on"].startswith("nothing") and "no dev split" in c["fitted_on"]
-    assert set(c) == {"temperature", "fitted_on", "val"}
+    assert set(c) == {"temperature", "at_bound", "fitted_on", "val"}
     assert c["val"] == temperature_report(LABELS.numpy(), np.float32(VAL[0]), None) and set(c["val"]) == {"before"}
     assert "calibration/last_epoch/temperature" not in wandb_summary  # numbers only
     assert "calibration/last_epoch/val_ece_before" in wandb_summary
