@@ -632,7 +632,9 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
                 )
             else:
                 split = load_split(cfg)
-            if cfg.manifest is not None or cfg.resume or cfg.from_run is not None:  # the replayed split's fraction
+            # a replayed split records the fraction it was made with (a stage 2 keeps its stage-1 run's, which a
+            # manifest of an earlier version, without the field, would report as 0)
+            if (cfg.manifest is not None or cfg.resume) and cfg.from_run is None:
                 cfg = replace(cfg, dev_fraction=split.dev_fraction)
             if cfg.data_dir is not None:  # stored resolved: the run resumes and evaluates from any directory
                 cfg = replace(cfg, data_dir=Path(cfg.data_dir).resolve())

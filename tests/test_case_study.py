@@ -50,9 +50,9 @@ def test_protocol_slice_grid_plans_its_runs(capsys):
     slice_grid = GRID.parent / "protocol_slice.yaml"
     assert case_study.main(["--grid", str(slice_grid), "--data-dir", "somewhere", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    # CE, weighted, VS, sqrt and progressive sampling, the four decoupled stage 2s x 3 seeds, two weight decays
-    # x 1 seed; 3 rows reuse CE
-    assert "29 runs, 29 to do, 14 cells" in out
+    # CE, weighted, VS, sqrt and progressive sampling, the four decoupled stage 2s, weight decay 0.5 and weight
+    # balancing x 3 seeds, weight decay 0.005 x 1 seed; 3 rows reuse CE
+    assert "34 runs, 34 to do, 15 cells" in out
     assert "--backbone resnet10t --epochs 12 --lr 0.002 --batch-size 64 --cache --num-workers 1" in out
     assert "--image-size 64 --scale 0.2" in out
     grid = load_grid(slice_grid)

@@ -226,6 +226,17 @@ def test_stage2_never_writes_over_its_stage1_run(stage1, tmp_path, capsys):
     assert (copy / "summary.json").read_bytes() == before and not (copy / "inside").exists()
 
 
+def test_stage2_records_the_stage1_dev_fraction_even_from_an_earlier_manifest(stage1, tmp_path):
+    earlier = tmp_path / "earlier"
+    shutil.copytree(stage1, earlier)
+    manifest = json.loads((earlier / "manifest.json").read_text())
+    del manifest["dev_fraction"]  # written before manifests recorded it
+    (earlier / "manifest.json").write_text(json.dumps(manifest))
+    assert run_cli.main(["--decoupled", "tau-norm", "--from-run", str(earlier), "--out", str(tmp_path / "s2")]) == 0
+    summary = json.loads((tmp_path / "s2" / "summary.json").read_text())
+    assert summary["config"]["dev_fraction"] == 0.1 and sum(summary["dev_counts"].values()) > 0
+
+
 def test_stage2_may_read_the_stage1_photos_under_another_folder(tmp_path):
     stage1 = RunConfig(data_dir=tmp_path / "photos", split="balanced", scale=0.1, lr=0.002)
     cfg = RunConfig(decoupled="crt", from_run=tmp_path / "s1", data_dir=tmp_path / "moved", out=tmp_path / "s2")
