@@ -2,7 +2,7 @@
 PYTHON ?= python
 STAMP := .install-stamp
 
-.PHONY: install run test test-fast lint format strip clean
+.PHONY: install run test test-all test-fast lint format strip clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -e ".[dev]"
@@ -14,6 +14,9 @@ run: $(STAMP)
 	$(PYTHON) -m experiments.run --loss focal
 
 test: $(STAMP)
+	$(PYTHON) -m pytest -m "not extended"
+
+test-all: $(STAMP)
 	$(PYTHON) -m pytest
 
 test-fast: $(STAMP)

@@ -22,6 +22,35 @@ from imbalance.data import ImbalanceDataModule
 from imbalance.losses import LOSSES, build_loss
 from imbalance.train import prepare
 
+# issue 18: the Lightning path should run at >= 0.97 of the plain loop; a benchmark must resolve a 3% effect
+LIGHTNING_TARGET = 0.97
+RESOLUTION = 0.03
+
+
+def round_ratios(results: dict[str, list[float]], numerator: str, denominator: str) -> list[float]:
+    """numerator / denominator within each round: paired, so a drift in machine load between rounds cancels."""
+    return [a / b for a, b in zip(results[numerator], results[denominator], strict=True)]
+
+
+def verdict(name: str, rounds: list[float], target: float, effect: float = RESOLUTION) -> str:
+    """One line: whether the per-round ratios `rounds` tell that `name` is at least `target`. The rounds must
+    agree within `effect` (their max - min) for any answer; else, or with a single round, "not resolved"."""
+    median = statistics.median(rounds)
+    low, high = min(rounds), max(rounds)
+    head = f"{name} = {median:.3f} (rounds {low:.3f}-{high:.3f}, spread {high - low:.3f})"
+    if len(rounds) < 2:
+        return f"{head}: not resolved: one round has no spread; use --rounds 3 or more"
+    if high - low > effect:
+        return (
+            f"{head}: not resolved: the rounds disagree by more than the {effect:.0%} effect to be told apart; "
+            "rerun on an idle machine, or with more --steps and --rounds"
+        )
+    if low >= target:
+        return f"{head}: at least {target:g} in every round (resolved)"
+    if high < target:
+        return f"{head}: below {target:g} in every round (resolved)"
+    return f"{head}: not resolved: the rounds fall on both sides of {target:g}"
+
 
 def _endless(loader):
     """The loader's batches, starting a new epoch whenever one runs out."""
@@ -261,20 +290,22 @@ def run_benchmark(
         for name, loader in loaders.items():
             record(f"data_{name}", data_rate(loader, steps, warmup))
     rates = {name: statistics.median(values) for name, values in results.items()}
-    model_alone = rates["model_alone_channels_last" if cfg.channels_last else "model_alone_contiguous"]
+    alone = "model_alone_channels_last" if cfg.channels_last else "model_alone_contiguous"
+    model_alone = rates[alone]
     costs = loss_costs(loss_batch, device)
     step_seconds = cfg.batch_size / model_alone
-    ratios = {
-        "lightning / plain loop": rates["lightning"] / rates["plain_loop"],
-        "end-to-end (plain loop) / model alone": rates["plain_loop"] / model_alone,
-        "end-to-end (lightning) / model alone": rates["lightning"] / model_alone,
-        f"data ({pipeline}) / model alone": rates[f"data_{pipeline}"] / model_alone,
-        "channels_last / contiguous (model alone)": rates["model_alone_channels_last"]
-        / rates["model_alone_contiguous"],
+    pairs = {  # ratio: (numerator, denominator), each taken within a round
+        "lightning / plain loop": ("lightning", "plain_loop"),
+        "end-to-end (plain loop) / model alone": ("plain_loop", alone),
+        "end-to-end (lightning) / model alone": ("lightning", alone),
+        f"data ({pipeline}) / model alone": (f"data_{pipeline}", alone),
+        "channels_last / contiguous (model alone)": ("model_alone_channels_last", "model_alone_contiguous"),
     }
     if "data_cached" in rates:
-        ratios["data cached / uncached"] = rates["data_cached"] / rates["data_uncached"]
-        ratios["data cached / model alone"] = rates["data_cached"] / model_alone
+        pairs["data cached / uncached"] = ("data_cached", "data_uncached")
+        pairs["data cached / model alone"] = ("data_cached", alone)
+    ratio_rounds = {name: round_ratios(results, *pair) for name, pair in pairs.items()}
+    ratios = {name: statistics.median(values) for name, values in ratio_rounds.items()}
     report: dict[str, Any] = {
         "settings": {
             "backbone": cfg.backbone,
@@ -293,7 +324,9 @@ def run_benchmark(
         },
         "images_per_second": rates,
         "all_rounds": results,
-        "ratios": ratios,
+        "ratios": ratios,  # the median over rounds of each round's ratio
+        "ratio_rounds": ratio_rounds,
+        "verdict": verdict("lightning / plain loop", ratio_rounds["lightning / plain loop"], LIGHTNING_TARGET),
         "loss_seconds_per_fwd_bwd": costs,
         "loss_time_relative_to_ce": {k: v / costs["ce"] for k, v in costs.items()},
         "loss_time_relative_to_model_step": {k: v / step_seconds for k, v in costs.items()},
@@ -323,8 +356,13 @@ def format_report(report: dict[str, Any]) -> str:
     for name, rate in report["images_per_second"].items():
         rounds = ", ".join(f"{v:.0f}" for v in report["all_rounds"][name])
         lines.append(f"{name:45s} {rate:15.1f}   {rounds}")
-    lines += ["", f"{'ratio':45s} {'value':>15s}"]
-    lines += [f"{name:45s} {value:15.3f}" for name, value in report["ratios"].items()]
+    lines += ["", f"{'ratio (median of the rounds)':45s} {'value':>15s}   {'min':>6s} {'max':>6s} {'spread':>7s}"]
+    for name, value in report["ratios"].items():
+        rounds = report["ratio_rounds"][name]
+        lines.append(
+            f"{name:45s} {value:15.3f}   {min(rounds):6.3f} {max(rounds):6.3f} {max(rounds) - min(rounds):7.3f}"
+        )
+    lines += ["", f"verdict: {report['verdict']}"]
     lines += [
         "",
         f"{'loss (fwd+bwd, batch 256)':28s} {'µs':>8s} {'/ ce':>8s} {'/ model step':>14s} {'step / ce step':>15s}",

@@ -84,6 +84,15 @@ def hardware(cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def stage2_hardware(cfg: RunConfig, hw: dict[str, Any]) -> dict[str, Any]:
+    """`hw`, except that --decoupled tau-norm runs in one process: it trains nothing, and DDP refuses a module
+    without a parameter to train ("DistributedDataParallel is not needed ...")."""
+    if cfg.decoupled == "tau-norm" and hw["devices"] * hw["num_nodes"] > 1:
+        say("--decoupled tau-norm trains nothing: it runs in one process")
+        return {**hw, "devices": 1, "num_nodes": 1, "strategy": "auto"}
+    return hw
+
+
 def default_precision(accelerator: str) -> str:
     # bf16 autocast pays off on GPUs with bf16 tensor cores; on CPUs without native bf16 it is many times slower
     if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -157,8 +166,8 @@ def _flag_text(value: Any) -> str:
 
 def wandb_mode() -> str:
     """'online' when W&B credentials exist (or WANDB_MODE says so), else 'offline'."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_MODE"):  # Lightning's offline WandbLogger sets "dryrun", wandb's old name for offline
+        return "offline" if os.environ["WANDB_MODE"] == "dryrun" else os.environ["WANDB_MODE"]
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
@@ -599,10 +608,7 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
     if cfg.decoupled is not None:
         cfg = _stage2_config(cfg, given)
     cfg.validate()
-    hw = hardware(cfg)
-    if cfg.decoupled == "tau-norm" and hw["devices"] * hw["num_nodes"] > 1:  # DDP needs something to train
-        say("--decoupled tau-norm trains nothing: it runs in one process")
-        hw = {**hw, "devices": 1, "num_nodes": 1, "strategy": "auto"}
+    hw = stage2_hardware(cfg, hardware(cfg))
     run_name, run_dir = resolve_run(cfg)
     overwrite = cfg.overwrite
     cfg = replace(cfg, run_name=run_name, out=run_dir, overwrite=False)  # an action, not part of the run

@@ -102,6 +102,7 @@ def write_grid(path: Path, second_flags: dict) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # 6 real runs (72 s); the failing-run exit and the table are also tested faster elsewhere
 def test_tiny_grid_runs_resumes_and_tabulates(tmp_path, capsys):
     # the second cell fails (no network for --pretrained); the first must not be retrained on the rerun
     grid = write_grid(tmp_path / "grid.yaml", {"loss": "weighted", "pretrained": True})
