@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,35 @@ def comparable(values: dict[str, Any]) -> dict[str, Any]:
     """`RunConfig.to_dict()` values with the paths resolved, so that `data`, `./data` and `/abs/data` (the form
     a run stores) compare equal when a resume or the case study checks a configuration against a stored one."""
     return {k: str(Path(v).resolve()) if k in PATH_FIELDS and v is not None else v for k, v in values.items()}
+
+
+def option_text(value: Any) -> str:
+    """An option's value as a command line would spell it ('6,0.55' for a list, 'unset' for None)."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "unset" if value is None else str(value)
+
+
+def contradictions(
+    asked: RunConfig,
+    stored: RunConfig,
+    given: Iterable[str] | None,
+    may_differ: Iterable[str],
+    holder: str = "the run",
+) -> tuple[set[str], list[str]]:
+    """The options given in `asked` (None: every one that differs from its default) and, for each given one
+    outside `may_differ` whose value differs from `stored` (paths compared resolved), a line naming both:
+    "--lr 0.5 (the run has 0.001)". What --resume and a decoupled stage 2 check against the stored run."""
+    defaults, wanted, kept = RunConfig().to_dict(), comparable(asked.to_dict()), comparable(stored.to_dict())
+    if given is None:
+        given = {name for name, value in asked.to_dict().items() if value != defaults[name]}
+    given = set(given)
+    lines = [
+        f"--{name.replace('_', '-')} {option_text(wanted[name])} ({holder} has {option_text(kept[name])})"
+        for name in sorted(given - set(may_differ) - {"extra"})
+        if wanted[name] != kept[name]
+    ]
+    return given, lines
 
 
 # options of earlier versions that no longer exist; a stored config holding them still loads

@@ -1011,6 +1011,17 @@ def build_decoded_cache(
     return path
 
 
+def evaluation_dataset(
+    items: Sequence[tuple[str, int]], root: Path | None, image_size: int, mean, std, cache: bool
+) -> ImageDataset:
+    """`items` with the evaluation transform (no augmentation), through the decode-once cache when `cache`
+    (photos only; the cache is built here, in the calling process)."""
+    if cache and root is not None:
+        path = build_decoded_cache(items, root, image_size, train=False)
+        return ImageDataset(items, root, cached_transform(image_size, mean, std, False), path)
+    return ImageDataset(items, root, make_transform(image_size, mean, std, False, root is not None))
+
+
 def default_image_size(split: SplitData) -> int:
     return 224 if split.root is not None else 32
 
@@ -1093,24 +1104,13 @@ class ImbalanceDataModule(L.LightningDataModule):
             raise DataError("--cache decodes photos once; the embedded digits are already in memory. Drop --cache.")
         if cache:  # built here, in the launching process, before any DDP worker starts
             train_cache = build_decoded_cache(split.train, split.root, image_size, train=True)
-            val_cache = build_decoded_cache(split.val, split.root, image_size, train=False)
             self.train_set = ImageDataset(
                 split.train, split.root, cached_transform(image_size, mean, std, True), train_cache
             )
-            self.val_set = ImageDataset(
-                split.val, split.root, cached_transform(image_size, mean, std, False), val_cache
-            )
-            self.dev_set = None
-            if split.dev:
-                dev_cache = build_decoded_cache(split.dev, split.root, image_size, train=False)
-                self.dev_set = ImageDataset(
-                    split.dev, split.root, cached_transform(image_size, mean, std, False), dev_cache
-                )
         else:
             self.train_set = ImageDataset(split.train, split.root, make_transform(image_size, mean, std, True, photos))
-            self.val_set = ImageDataset(split.val, split.root, make_transform(image_size, mean, std, False, photos))
-            evaluation = make_transform(image_size, mean, std, False, photos)
-            self.dev_set = ImageDataset(split.dev, split.root, evaluation) if split.dev else None
+        self.val_set = evaluation_dataset(split.val, split.root, image_size, mean, std, cache)
+        self.dev_set = evaluation_dataset(split.dev, split.root, image_size, mean, std, cache) if split.dev else None
 
     def _replicas(self) -> tuple[int, int]:
         trainer = self.trainer

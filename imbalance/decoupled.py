@@ -36,15 +36,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from imbalance.config import DECOUPLED, ConfigError, RunConfig, comparable
-from imbalance.data import (
-    ImageDataset,
-    ImbalanceDataModule,
-    SplitData,
-    build_decoded_cache,
-    cached_transform,
-    make_transform,
-)
+from imbalance.config import DECOUPLED, ConfigError, RunConfig, contradictions
+from imbalance.data import ImageDataset, ImbalanceDataModule, SplitData, evaluation_dataset
 from imbalance.losses import CrossEntropy, WeightedCrossEntropy, balanced_class_weights
 from imbalance.metrics import confusion_metrics
 from imbalance.model import ImbalanceClassifier
@@ -109,16 +102,6 @@ def stage2_weight_decay(cfg: RunConfig) -> float:
     return cfg.weight_decay if cfg.decoupled == "maxnorm" else 0.0
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _text(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    return "unset" if value is None else str(value)
-
-
 def read_stage1(run_dir: Path) -> RunConfig:
     """The configuration of the finished stage-1 run in `run_dir`; a ConfigError naming what is missing."""
     run_dir = Path(run_dir)
@@ -135,7 +118,7 @@ def read_stage1(run_dir: Path) -> RunConfig:
         raise ConfigError(f"{what}: cannot read its config.json ({error})") from error
     if stage1.decoupled is not None:
         raise ConfigError(
-            f"{what} is itself a decoupled stage-2 run ({_flag('decoupled')} {stage1.decoupled}); give its stage-1 "
+            f"{what} is itself a decoupled stage-2 run (--decoupled {stage1.decoupled}); give its stage-1 "
             f"run ({stage1.from_run})"
         )
     return stage1
@@ -147,15 +130,7 @@ def stage2_config(cfg: RunConfig, stage1: RunConfig, given: set[str] | None = No
     the batch size and loader settings of `STAGE2_MAY_CHANGE` where given. An
     option given here that contradicts the stage-1 run is an error naming both (`given`: the options the
     user set; None: every option that differs from its default)."""
-    defaults, asked, kept = RunConfig().to_dict(), comparable(cfg.to_dict()), comparable(stage1.to_dict())
-    if given is None:
-        given = {name for name, value in cfg.to_dict().items() if value != defaults[name]}
-    given = set(given)
-    conflicts = [
-        f"{_flag(name)} {_text(asked[name])} (the stage-1 run has {_text(kept[name])})"
-        for name in sorted(given - STAGE2_OPTIONS - STAGE2_MAY_CHANGE)
-        if asked[name] != kept[name]
-    ]
+    given, conflicts = contradictions(cfg, stage1, given, STAGE2_OPTIONS | STAGE2_MAY_CHANGE, "the stage-1 run")
     if conflicts:
         raise ConfigError(
             f"--from-run {cfg.from_run}: stage 2 keeps the stage-1 run's model, data and split, but "
@@ -255,18 +230,11 @@ class FeatureDataModule(ImbalanceDataModule):
 def image_sets(cfg: RunConfig, split: SplitData, image_size: int, mean, std) -> dict[str, ImageDataset]:
     """Train, dev and validation photos with the evaluation transform (no augmentation: features are
     computed once), through the decode-once cache with --cache."""
-    photos = split.root is not None
-    sets = {}
-    for name in ("train", "dev", "val"):
-        items = getattr(split, name)
-        if not items:
-            continue
-        if cfg.cache and photos:
-            cache = build_decoded_cache(items, split.root, image_size, train=False)
-            sets[name] = ImageDataset(items, split.root, cached_transform(image_size, mean, std, False), cache)
-        else:
-            sets[name] = ImageDataset(items, split.root, make_transform(image_size, mean, std, False, photos))
-    return sets
+    return {
+        name: evaluation_dataset(getattr(split, name), split.root, image_size, mean, std, cfg.cache)
+        for name in ("train", "dev", "val")
+        if getattr(split, name)
+    }
 
 
 # ------------------------------------------------------------------------------------------ the module

@@ -39,7 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from imbalance.config import ConfigError, RunConfig, comparable
+from imbalance.config import ConfigError, RunConfig, contradictions, option_text
 from imbalance.data import ImbalanceDataModule, SplitData, default_image_size, load_manifest, load_split
 from imbalance.decoupled import stage2_epochs
 from imbalance.io import RunDirLocked, RunLock, atomic_write_json, atomic_write_text
@@ -135,14 +135,7 @@ def resumed_config(cfg: RunConfig, given: Iterable[str] | None = None) -> RunCon
         stored = RunConfig.from_stored(json.loads(stored_file.read_text()))
     except (OSError, json.JSONDecodeError, ConfigError, TypeError) as error:
         raise ConfigError(f"--resume: cannot read the run's configuration {stored_file} ({error})") from error
-    defaults, asked, kept = RunConfig().to_dict(), comparable(cfg.to_dict()), comparable(stored.to_dict())
-    if given is None:
-        given = [name for name, value in cfg.to_dict().items() if value != defaults[name]]
-    conflicts = [
-        f"--{name.replace('_', '-')} {_flag_text(asked[name])} (the run has {_flag_text(kept[name])})"
-        for name in sorted(set(given) - RESUME_MAY_CHANGE - {"extra"})
-        if asked[name] != kept[name]
-    ]
+    given, conflicts = contradictions(cfg, stored, given, RESUME_MAY_CHANGE)
     if conflicts:
         raise ConfigError(
             f"--resume continues {run_dir} with the configuration in {stored_file}, but "
@@ -156,12 +149,6 @@ def resumed_config(cfg: RunConfig, given: Iterable[str] | None = None) -> RunCon
         )
     num_workers = cfg.num_workers if "num_workers" in set(given) else stored.num_workers
     return replace(stored, resume=True, overwrite=False, out=run_dir, epochs=epochs, num_workers=num_workers)
-
-
-def _flag_text(value: Any) -> str:
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return "unset" if value is None else str(value)
 
 
 def wandb_mode() -> str:
@@ -554,7 +541,7 @@ def read_resume_checkpoint(path: Path, cfg: RunConfig) -> dict[str, tuple[int, .
     if not isinstance(config, dict):
         raise RunError(f"{what} has no run configuration in its hyper_parameters: not {expected}; {todo}")
     differ = [
-        f"--{key.replace('_', '-')} {_flag_text(config.get(key))} (this run has {_flag_text(cfg.to_dict()[key])})"
+        f"--{key.replace('_', '-')} {option_text(config.get(key))} (this run has {option_text(cfg.to_dict()[key])})"
         for key in ("backbone", "loss", "seed")
         if config.get(key) != cfg.to_dict()[key]
     ]
@@ -746,8 +733,7 @@ def _finished_stage1(stage1: RunConfig) -> bool:
     except (OSError, ValueError, KeyError, TypeError):
         return False
     where = {"out", "run_name", "overwrite", "resume", "num_workers", "logger", "autobalance_params"}
-    wanted, kept = comparable(stage1.to_dict()), comparable(stored.to_dict())
-    return all(kept[k] == v for k, v in wanted.items() if k not in where)
+    return not contradictions(stage1, stored, set(stage1.to_dict()), where)[1]
 
 
 def _completed(cfg: RunConfig, recorder: RunRecorder | None) -> bool:
