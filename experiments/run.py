@@ -9,7 +9,17 @@ import argparse
 import sys
 from pathlib import Path
 
-from imbalance.config import ACCELERATORS, DECOUPLED, LOGGERS, SAMPLING, SPLIT_PRESETS, ConfigError, RunConfig
+from imbalance.config import (
+    ACCELERATORS,
+    AUGMENTS,
+    DECOUPLED,
+    DEFAULT_CROP_SCALE,
+    LOGGERS,
+    SAMPLING,
+    SPLIT_PRESETS,
+    ConfigError,
+    RunConfig,
+)
 from imbalance.losses import LOSSES
 
 
@@ -70,6 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
         "uint8 file in $IMBALANCE_CACHE (~/.cache/imbalance), shared by all workers and ranks",
     )
     d.add_argument("--num-workers", type=int, help="data-loader processes (default: min(8, CPUs); 0 for digits)")
+    d.add_argument(
+        "--augment",
+        default="crop-flip",
+        choices=list(AUGMENTS),
+        help="photos' training augmentation: a random resized crop and a horizontal flip, or (trivial) "
+        "TrivialAugmentWide's one random op after them; evaluation is never augmented",
+    )
+    d.add_argument(
+        "--crop-scale",
+        type=float,
+        default=DEFAULT_CROP_SCALE,
+        metavar="MIN",
+        help="photos' random training crop keeps a share of the area in [MIN, 1]",
+    )
     m = p.add_argument_group("model")
     m.add_argument("--backbone", default="resnet18", help="vgg16, resnet18, resnet50 or any timm model name")
     m.add_argument("--pretrained", action="store_true", help="start from timm's hub weights (needs network)")
@@ -190,6 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="batch size per device (the global batch is this times devices times nodes; it is logged)",
     )
     o.add_argument("--epochs", type=int, default=10)
+    o.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="linear warm-up: epoch e < N trains at --lr x (e+1)/(N+1), then the cosine decays over the other "
+        "epochs (decoupled stage 2 has none)",
+    )
     o.add_argument(
         "--lr",
         type=float,

@@ -29,6 +29,9 @@ SPLIT_PRESETS: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
 
 LOGGERS = ("wandb", "csv", "tensorboard", "none")
 SAMPLING = ("none", "over", "under", "sqrt", "progressive")
+# photos' training augmentation (imbalance.data.make_transform): the random crop and flip, or TrivialAugment after them
+AUGMENTS = ("crop-flip", "trivial")
+DEFAULT_CROP_SCALE = 0.5  # RandomResizedCrop(scale=(0.5, 1.0)): the training crop before --crop-scale existed
 DECOUPLED = ("crt", "tau-norm", "lws", "maxnorm")  # stage-2 methods of imbalance.decoupled
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 # what Lightning's Trainer(precision=...) accepts (its short aliases included), transformer-engine aside
@@ -97,6 +100,8 @@ class RunConfig:
     image_size: int | None = None
     cache: bool = False
     num_workers: int | None = None
+    augment: str = "crop-flip"  # photos' training augmentation, one of AUGMENTS
+    crop_scale: float = DEFAULT_CROP_SCALE  # the smallest share of a photo's area the random training crop keeps
     # model
     backbone: str = "resnet18"
     pretrained: bool = False
@@ -134,6 +139,7 @@ class RunConfig:
     # optimisation
     batch_size: int = 64
     epochs: int = 10
+    warmup_epochs: int = 0  # linear warm-up epochs before the cosine (stage 2 of --decoupled has none)
     lr: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
@@ -191,6 +197,12 @@ class RunConfig:
         for name in ("batch_size", "epochs", "nodes"):
             if getattr(self, name) < 1:
                 fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            # at least one epoch must be left to the cosine, which starts at the full --lr
+            fail(
+                f"--warmup-epochs must be in [0, --epochs), got --warmup-epochs {self.warmup_epochs} with "
+                f"--epochs {self.epochs}"
+            )
         if self.lr <= 0:
             fail(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
@@ -211,6 +223,12 @@ class RunConfig:
             fail(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.num_workers is not None and self.num_workers < 0:
             fail(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.augment not in AUGMENTS:
+            fail(f"--augment {self.augment!r} is unknown; choose one of: {', '.join(AUGMENTS)}")
+        if not 0 < self.crop_scale <= 1:
+            fail(
+                f"--crop-scale must be in (0, 1] (the smallest share of the photo a crop keeps), got {self.crop_scale}"
+            )
 
         # hardware: --gpus is the lecture's shorthand, --accelerator/--devices the general form
         if self.gpus is not None:
@@ -241,6 +259,19 @@ class RunConfig:
         if self.cache and self.data_dir is None and self.manifest is None:
             fail(
                 "--cache decodes photos once; the embedded digits are already in memory. Drop --cache or add --data-dir."
+            )
+        # a resumed run and a stage 2 use the stored run's data, checked when it started; a --manifest of the
+        # digits is refused where its split is known (imbalance.data.ImbalanceDataModule)
+        digits = self.data_dir is None and self.manifest is None and not self.resume and self.from_run is None
+        if digits and self.augment != "crop-flip":
+            fail(
+                f"--augment {self.augment} augments photos; the embedded digits have their own augmentation (no "
+                "crop, no flip). Drop --augment or add --data-dir DIR (photos)."
+            )
+        if digits and self.crop_scale != DEFAULT_CROP_SCALE:
+            fail(
+                f"--crop-scale {self.crop_scale} sets the random crop of photos; the embedded digits are not cropped. "
+                "Drop --crop-scale or add --data-dir DIR (photos)."
             )
         if self.split is not None and (self.train_counts or self.val_counts):
             fail("--split and --train-counts/--val-counts both set the split sizes; give only one of them")

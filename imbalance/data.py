@@ -41,7 +41,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from imbalance.config import SPLIT_PRESETS, RunConfig
+from imbalance.config import DEFAULT_CROP_SCALE, SPLIT_PRESETS, RunConfig
 from imbalance.io import atomic_write_text
 from imbalance.sampling import EpochSampler
 
@@ -919,8 +919,29 @@ def _decode_rgb(path: Path) -> Image.Image:
         ) from error
 
 
-def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool, photos: bool):
-    """Standard augmentation for training; resize (and centre crop for photos) for evaluation."""
+def train_augmentation(image_size: int, augment: str, crop_scale: float) -> list:
+    """Photos' random training augmentation, on a PIL image or a uint8 tensor alike: a random crop of at least
+    `crop_scale` of the area and a flip (--augment crop-flip), and TrivialAugment's one random op after them
+    (--augment trivial; on the final crop, so its geometric ops see the size the network does)."""
+    ops = [v2.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+    if augment == "trivial":
+        ops.append(v2.TrivialAugmentWide())
+    elif augment != "crop-flip":
+        raise ValueError(f"unknown augmentation {augment!r}; choose 'crop-flip' or 'trivial'")
+    return ops
+
+
+def make_transform(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    photos: bool,
+    augment: str = "crop-flip",
+    crop_scale: float = DEFAULT_CROP_SCALE,
+):
+    """Standard augmentation for training (photos: `train_augmentation`); resize (and centre crop for photos)
+    for evaluation, which `augment` and `crop_scale` do not change."""
     finish = [
         v2.ToImage(),
         v2.ToDtype(torch.float32, scale=True),
@@ -932,11 +953,7 @@ def make_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
             resize.append(v2.RandomAffine(degrees=8, translate=(0.08, 0.08), scale=(0.9, 1.1)))
         return v2.Compose(resize + finish)
     if train:
-        augment = [
-            v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-        ]
-        return v2.Compose(augment + finish)
+        return v2.Compose(train_augmentation(image_size, augment, crop_scale) + finish)
     resize = [v2.Resize(int(math.ceil(image_size / 0.875)), antialias=True), v2.CenterCrop(image_size)]
     return v2.Compose(resize + finish)
 
@@ -957,12 +974,18 @@ def cache_base_transform(image_size: int, train: bool) -> v2.Compose:
     return v2.Compose([v2.Resize(side, antialias=True), v2.CenterCrop(side if train else image_size), v2.ToImage()])
 
 
-def cached_transform(image_size: int, mean: Sequence[float], std: Sequence[float], train: bool) -> v2.Compose:
+def cached_transform(
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    train: bool,
+    augment: str = "crop-flip",
+    crop_scale: float = DEFAULT_CROP_SCALE,
+) -> v2.Compose:
     """uint8 tensors from the cache -> normalised float tensors, with the augmentation done on uint8."""
     finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
     if train:
-        augment = [v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
-        return v2.Compose(augment + finish)
+        return v2.Compose(train_augmentation(image_size, augment, crop_scale) + finish)
     return v2.Compose(finish)
 
 
@@ -1090,6 +1113,8 @@ class ImbalanceDataModule(L.LightningDataModule):
         cache: bool = False,
         sampling_q: float | None = None,
         epochs: int | None = None,
+        augment: str = "crop-flip",
+        crop_scale: float = DEFAULT_CROP_SCALE,
     ) -> None:
         super().__init__()
         self.split = split
@@ -1102,13 +1127,18 @@ class ImbalanceDataModule(L.LightningDataModule):
         photos = split.root is not None
         if cache and not photos:
             raise DataError("--cache decodes photos once; the embedded digits are already in memory. Drop --cache.")
+        # RunConfig refuses these for the digits; a --manifest of the digits is only known here
+        if augment != "crop-flip" and not photos:
+            raise DataError(f"--augment {augment} augments photos; the embedded digits have their own. Drop --augment.")
+        if crop_scale != DEFAULT_CROP_SCALE and not photos:
+            raise DataError(f"--crop-scale {crop_scale} sets the crop of photos; the digits are not cropped. Drop it.")
         if cache:  # built here, in the launching process, before any DDP worker starts
             train_cache = build_decoded_cache(split.train, split.root, image_size, train=True)
-            self.train_set = ImageDataset(
-                split.train, split.root, cached_transform(image_size, mean, std, True), train_cache
-            )
+            transform = cached_transform(image_size, mean, std, True, augment, crop_scale)
+            self.train_set = ImageDataset(split.train, split.root, transform, train_cache)
         else:
-            self.train_set = ImageDataset(split.train, split.root, make_transform(image_size, mean, std, True, photos))
+            transform = make_transform(image_size, mean, std, True, photos, augment, crop_scale)
+            self.train_set = ImageDataset(split.train, split.root, transform)
         self.val_set = evaluation_dataset(split.val, split.root, image_size, mean, std, cache)
         self.dev_set = evaluation_dataset(split.dev, split.root, image_size, mean, std, cache) if split.dev else None
 

@@ -388,6 +388,11 @@ class DecoupledClassifier(ImbalanceClassifier):
     def optimisation(self) -> tuple[float, float, int]:
         return self.stage2_lr, self.stage2_weight_decay, self.stage2_epochs
 
+    def warmup_epochs(self) -> int:
+        # stage 2's own schedule is the cosine over --stage2-epochs alone: its configuration inherits stage 1's
+        # --warmup-epochs as a record of stage 1, which may even exceed --stage2-epochs
+        return 0
+
     def configure_optimizers(self):
         if self.method == "tau-norm":
             return None

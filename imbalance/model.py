@@ -346,16 +346,33 @@ class ImbalanceClassifier(L.LightningModule):
         cfg = self.hparams.config
         return cfg["lr"], cfg["weight_decay"], cfg["epochs"]
 
+    def warmup_epochs(self) -> int:
+        """The linear warm-up epochs of the schedule, the run's --warmup-epochs (a separate method, so that
+        `optimisation` keeps its three values for its other callers; a configuration of a version before
+        --warmup-epochs has none)."""
+        return self.hparams.config.get("warmup_epochs", 0)
+
     def configure_optimizers(self):
         lr, weight_decay, epochs = self.optimisation()
+        warmup = self.warmup_epochs()
         params = [p for p in self.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
         epochs = max(1, epochs)
 
-        def cosine(epoch: int) -> float:
+        def factor(epoch: int) -> float:
             # closed form, read from the run's --epochs: a --resume that grows --epochs follows the longer
             # schedule (a restored CosineAnnealingLR would keep its old T_max and climb back up)
-            return 0.5 * (1 + math.cos(math.pi * min(epoch, epochs) / epochs))
+            return lr_factor(epoch, epochs, warmup)
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def lr_factor(epoch: int, epochs: int, warmup: int = 0) -> float:
+    """The learning rate of `epoch` (from 0) as a share of --lr: (e + 1) / (W + 1) for the W = `warmup` first
+    epochs, then the cosine from 1 down to 0 over the remaining E - W (E = `epochs`), as it was over all E
+    epochs before warm-up existed (W = 0 gives exactly that factor)."""
+    if epoch < warmup:  # linear, never 0: the first epoch already trains, at --lr / (W + 1)
+        return (epoch + 1) / (warmup + 1)
+    span = epochs - warmup
+    return 0.5 * (1 + math.cos(math.pi * min(epoch - warmup, span) / span))

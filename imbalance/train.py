@@ -214,7 +214,8 @@ def input_settings(cfg: RunConfig, split: SplitData, backbone) -> tuple[int, tup
 
 def make_datamodule(datamodule_class, cfg: RunConfig, split: SplitData, backbone, epochs: int, cache: bool = False):
     """The run's data module (`ImbalanceDataModule`, or AutoBalance's `SearchDataModule`) over `split`, with
-    `epochs` as the schedule of --sampling progressive."""
+    `epochs` as the schedule of --sampling progressive and the run's --augment and --crop-scale (so the search
+    trains on the batches its retrain will see)."""
     image_size, mean, std = input_settings(cfg, split, backbone)
     return datamodule_class(
         split,
@@ -228,6 +229,8 @@ def make_datamodule(datamodule_class, cfg: RunConfig, split: SplitData, backbone
         cache,
         sampling_q=cfg.sampling_q,
         epochs=epochs,
+        augment=cfg.augment,
+        crop_scale=cfg.crop_scale,
     )
 
 
