@@ -21,6 +21,8 @@ def test_benchmark_smoke_on_photos_with_cache_and_memory(tmp_path, capsys):
         "8",
         "--steps",
         "2",
+        "--block",
+        "1",
         "--warmup",
         "1",
         "--rounds",
@@ -30,6 +32,8 @@ def test_benchmark_smoke_on_photos_with_cache_and_memory(tmp_path, capsys):
         "--num-workers",
         "0",
         "--cache",
+        "--variants",
+        "channels-last,no-cache+workers-1",
         "--out",
         "bench.json",
     ]
@@ -39,11 +43,16 @@ def test_benchmark_smoke_on_photos_with_cache_and_memory(tmp_path, capsys):
         "model_alone_contiguous",
         "model_alone_channels_last",
         "plain_loop",
+        "plain_loop[channels-last]",
+        "plain_loop[no-cache+workers-1]",
         "lightning",
         "data_cached",
         "data_uncached",
     ):
         assert report["images_per_second"][key] > 0, key
+        assert len(report["all_rounds"][key]) == 1, key
+    assert "plain loop [no-cache+workers-1] / plain loop" in report["ratios"]
+    assert report["cache_build_seconds"] > 0
     assert "lightning / plain loop" in report["ratios"] and "data cached / uncached" in report["ratios"]
     assert set(report["loss_time_relative_to_ce"]) >= {"ce", "focal", "ldam", "autobalance"}
     assert report["memory"]["pss_mib_4_workers"] > 0
@@ -74,3 +83,91 @@ def test_the_verdict_says_not_resolved_unless_the_rounds_agree(rounds, says):
 
     line = verdict("lightning / plain loop", rounds, 0.97)
     assert says in line and f"spread {max(rounds) - min(rounds):.3f}" in line
+
+
+class _Path:
+    """Stands in for a timed path: records the order in which the interleaving callback calls it."""
+
+    def __init__(self, name, calls):
+        self.name, self.calls = name, calls
+
+    def step(self, timed=True):
+        self.calls.append((self.name, timed))
+
+
+def test_the_paths_take_turns_in_blocks_after_their_own_warmup():
+    from types import SimpleNamespace
+
+    from imbalance.benchmark import _Interleaved
+
+    calls = []
+    paths = {"a": _Path("a", calls), "b": _Path("b", calls)}
+    timer = _Interleaved(paths, warmup=2, block=3)
+    trainer, module = SimpleNamespace(global_step=0), SimpleNamespace(device=SimpleNamespace(type="cpu"))
+    for step in range(1, 2 + 6 + 1):  # 2 warm-up steps, then 6 timed Lightning steps
+        trainer.global_step = step
+        timer.on_train_batch_end(trainer, module, None, (None, [0] * 4), step - 1)
+        calls.append(("lightning", step))
+    untimed = [("a", False)] * 2 + [("b", False)] * 2
+    block = [("a", True)] * 3 + [("b", True)] * 3
+    lightning = [("lightning", s) for s in range(1, 9)]
+    # the hook runs at the end of a Lightning step, so a block follows the 3rd and 6th timed steps (5 and 8)
+    assert calls == lightning[:1] + untimed + lightning[1:4] + block + lightning[4:7] + block + lightning[7:]
+    assert len(timer.seconds) == 6 and timer.images == [4] * 6  # the steps after warm-up, each timed once
+    assert calls.count(("a", True)) == 6 and calls.count(("a", False)) == 2
+
+
+def test_round_rates_split_the_timed_steps_into_equal_consecutive_parts():
+    from imbalance.benchmark import _round_rates
+
+    assert _round_rates([8, 8, 8, 8, 8, 8], [1, 1, 2, 2, 4, 4], 3) == [8.0, 4.0, 2.0]
+
+
+def test_variants_merge_in_order_and_reject_unknown_names():
+    from imbalance.benchmark import variant_config
+    from imbalance.config import ConfigError, RunConfig
+
+    cfg = RunConfig(num_workers=2)
+    merged = variant_config(cfg, "channels-last+workers-1+workers-0")
+    assert merged.channels_last is True and merged.num_workers == 0 and cfg.num_workers == 2
+    with pytest.raises(ConfigError, match="unknown setting 'fast'.*choose from"):
+        variant_config(cfg, "cache+fast")
+
+
+def test_bad_variant_and_block_are_one_line_errors(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--steps", "7", "--block", "5"])
+    assert "--steps 7 is not a multiple of --block 5" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--steps", "2", "--block", "1", "--rounds", "1", "--variants", "turbo", "--no-memory"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: --variants: unknown setting 'turbo'") and err.count("\n") == 1
+
+
+def test_full_size_copies_and_data_only_benchmark(tmp_path, capsys):
+    from PIL import Image
+
+    tree = make_class_tree(tmp_path / "pets", {"Cat": 12, "Dog": 14})
+    (tree / "Dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "full"
+    assert benchmark.main(["--data-dir", str(tree), "--write-full-size", str(out), "--per-class", "10"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "pets"]  # no temporary folder left
+    for folder in ("Cat", "Dog"):
+        photos = sorted((out / folder).iterdir())
+        assert len(photos) == 10 or (folder == "Dog" and len(photos) == 9)
+        with Image.open(photos[0]) as image:
+            assert image.size == (500, 375) and image.format == "JPEG"
+    with pytest.raises(SystemExit):
+        benchmark.main(["--data-dir", str(tree), "--write-full-size", str(out)])
+    assert "already exists" in capsys.readouterr().err
+    args = ["--data-dir", str(out), "--data-only", "--image-size", "32", "--batch-size", "4", "--steps", "2"]
+    assert benchmark.main(args + ["--block", "1", "--rounds", "2", "--warmup", "0", "--num-workers", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "data cached / uncached" in printed and "verdict: data cached / uncached" in printed
+    assert "lightning" not in printed and "cache build" in printed
+
+
+def test_data_only_needs_photos(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--data-only", "--steps", "2", "--block", "1"])
+    assert "--data-only measures the photo pipeline; add --data-dir" in capsys.readouterr().err
