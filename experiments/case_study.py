@@ -4,9 +4,10 @@
 Each cell runs as `python -m experiments.run` with the cell's flags; finished runs are skipped, so the
 command resumes after a crash or Ctrl-C. Writes results/<name>/table.md, table.csv and table.png, with 95%
 seed-and-photo bootstrap intervals, paired differences to each data set's baseline and an all-cat (no-skill)
-row per data set; `--table-only` rebuilds them from the run files alone (summary.json, predictions.csv), the
-same numbers on any machine. Exits 1 (after writing the table) when any run failed, 2 when the run files
-disagree, 130 on Ctrl-C.
+row per data set, and for a grid with `sweep` (experiments/ratio_sweep.yaml) sweep.md and sweep.png, the same
+rows as lines against the swept x; `--table-only` rebuilds them from the run files alone (summary.json,
+predictions.csv), the same numbers on any machine. Exits 1 (after writing the table) when any run failed, 2
+when the run files disagree, 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except TableError as error:
         parser.exit(2, f"error: {one_line(error)}\n")
     print(f"table: {results / 'table.md'}")
+    if grid.sweep is not None:
+        print(f"sweep: {results / 'sweep.md'}")
     for plan, reason in failures:
         print(f"failed: {plan.cell.id} seed {plan.seed}: {reason}")
     if failures:  # a scheduler or script must not read a grid with failed runs as a success

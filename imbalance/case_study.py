@@ -12,6 +12,10 @@ predictions.csv), so `--table-only` rebuilds it on a fresh clone: a row is one `
 of each seed's run; mean ± sample std over seeds, the seed-and-photo bootstrap interval and the paired
 difference to the data set's baseline come from `imbalance.stats`, with a fixed bootstrap seed. Per data set
 an all-cat (no-skill) row says what the trivial answer scores, and each row that does not beat it is flagged.
+
+A grid with a top-level `sweep` (issue 16: the imbalance ratio) also places every cell at a point (`x`, `series`):
+`render_sweep` and `plot_sweep` write the same rows as sweep.md (a table per metric, series by x) and sweep.png
+(lines against x on a log axis), with the average precision's interval from the same draws as F1's.
 """
 
 from __future__ import annotations
@@ -52,8 +56,16 @@ COLUMNS = (
     ("precision", "precision"),
     ("recall", "recall"),
 )
-GRID_KEYS = {"name", "defaults", "seeds", "notes", "cells", "baselines"}
+GRID_KEYS = {"name", "defaults", "seeds", "notes", "cells", "baselines", "sweep"}
 CELL_REQUIRED = ("id", "data", "method")
+SWEEP_KEYS = {"x_label"}  # of the top-level `sweep` mapping
+SWEEP_CELL_KEYS = ("x", "series")  # what places a cell of a sweep grid: its x (the log axis) and its line
+# (Row.means column, Row interval attribute, what it is) of each table of sweep.md and panel of sweep.png
+SWEEP_METRICS = (
+    ("f1", "f1_ci", "F1 of the positive class (cat)"),
+    ("balanced_accuracy", "ba_ci", "Balanced accuracy"),
+    ("average_precision", "ap_ci", "Average precision"),
+)
 MIN_SEEDS_FOR_INTERVAL = 3  # fewer seeds say nothing about the seed-to-seed spread
 BOOTSTRAP_REPLICATES = stats.DEFAULT_REPLICATES
 BOOTSTRAP_SEED = 14  # fixed: the same run files always give the same table (issue 14)
@@ -97,6 +109,8 @@ class Cell:
     report: str = "last_epoch"
     runs_of: str | None = None
     stage1: str | None = None  # a decoupled stage 2 (flag decoupled) starts from this cell's run of the same seed
+    x: float | None = None  # in a sweep grid: the cell's place on the x axis (say, the imbalance ratio)
+    series: str | None = None  # in a sweep grid: the line the cell is a point of
 
 
 @dataclass
@@ -108,6 +122,7 @@ class Grid:
     notes: str = ""  # printed under the table: what the rows can and cannot be compared with
     baselines: dict[str, str] = field(default_factory=dict)  # data set -> the cell every row's Δ is taken to
     path: Path | None = None  # the grid file, for error messages
+    sweep: dict[str, Any] | None = None  # {x_label: ...}: the cells are points (x, series) of a sweep as well
 
     def flags_of(self, cell: Cell) -> dict[str, Any]:
         """The options of the cell's runs: the grid's defaults, its stage-1 cell's flags (a stage 2 keeps the
@@ -207,6 +222,16 @@ def load_grid(path: Path) -> Grid:
     notes = raw.get("notes") or ""
     if not isinstance(notes, str):
         fail(f"notes must be text, got {type(notes).__name__}")
+    sweep = raw.get("sweep")
+    if sweep is not None:
+        if not isinstance(sweep, dict):
+            fail(f"sweep must be a mapping such as {{x_label: training dogs per cat}}, got {sweep!r}")
+        if set(sweep) - SWEEP_KEYS:
+            fail(f"unknown sweep keys {sorted(set(sweep) - SWEEP_KEYS, key=str)}; known: {sorted(SWEEP_KEYS)}")
+        x_label = sweep.get("x_label", "x")
+        if not isinstance(x_label, str) or not x_label:
+            fail(f"sweep: x_label must be text (it names the x axis of sweep.png), got {x_label!r}")
+        sweep = {**sweep, "x_label": x_label}
     seeds = raw.get("seeds", 1)
     if _count_problem(seeds):
         fail(f"seeds {_count_problem(seeds)}")
@@ -258,10 +283,38 @@ def load_grid(path: Path) -> Grid:
             fail(f"seeds {_count_problem(cell.seeds)} (leave seeds out for the grid's {seeds})", cell_id)
         if not isinstance(cell.report, str) or cell.report not in REPORTS:
             fail(f"report must be one of {REPORTS}, got {cell.report!r}", cell_id)
+        placed = [k for k in SWEEP_CELL_KEYS if entry.get(k) is not None]
+        if sweep is None and placed:  # a point of no sweep would be drawn nowhere: say so rather than drop it
+            fail(
+                f"has {' and '.join(placed)}, which place a cell in a sweep, but the grid has no top-level sweep; "
+                "add one (e.g. sweep: {x_label: training dogs per cat}) or drop them",
+                cell_id,
+            )
+        if sweep is not None:
+            if len(placed) < len(SWEEP_CELL_KEYS):
+                lacking = " and ".join(k for k in SWEEP_CELL_KEYS if k not in placed)
+                fail(
+                    f"lacks {lacking} (in a grid with sweep every cell needs x, its place on the x axis, and series, its line)",
+                    cell_id,
+                )
+            if not _is_number(cell.x) or not math.isfinite(cell.x) or cell.x <= 0:
+                fail(f"x must be a positive number (its place on the sweep's log axis), got {cell.x!r}", cell_id)
+            if not isinstance(cell.series, str) or not cell.series:
+                fail(f"series must be text (the name of its line in sweep.png), got {cell.series!r}", cell_id)
         cells.append(cell)
     ids = [c.id for c in cells]
     if len(ids) != len(set(ids)):
         fail(f"duplicate cell ids {sorted({i for i in ids if ids.count(i) > 1})}")
+    points: dict[tuple[str, float], str] = {}
+    for cell in cells if sweep is not None else []:  # one cell per point, or sweep.md would have to pick one
+        point = (str(cell.series), float(cell.x))  # type: ignore[arg-type]
+        if point in points:
+            fail(
+                f"is series {cell.series!r} at x {cell.x:g}, as cell {points[point]!r} is: each (series, x) is one "
+                "point of the sweep; change the x or the series of one of them",
+                cell.id,
+            )
+        points[point] = cell.id
     by_id = {c.id: c for c in cells}
     for cell in cells:
         if cell.runs_of is None:
@@ -318,7 +371,7 @@ def load_grid(path: Path) -> Grid:
                 f"the baseline of {data!r} is {cell_id!r}, a cell of data {by_id[cell_id].data!r}; "
                 "a baseline must be trained on the same data"
             )
-    return Grid(name, cells, dict(defaults), seeds, notes, dict(baselines), path)
+    return Grid(name, cells, dict(defaults), seeds, notes, dict(baselines), path, sweep)
 
 
 def select(grid: Grid, pattern: str | None) -> list[Cell]:
@@ -483,6 +536,7 @@ class Run:
     # val ECE of the row's model before and after the temperature fitted on dev (summary.json "calibration");
     # None for a run written before runs recorded it, or without a fitted temperature
     ece: tuple[float, float | None] | None = None
+    probs: np.ndarray | None = None  # (N,) P(positive) behind `predicted`: what average precision ranks
 
 
 @dataclass
@@ -500,6 +554,7 @@ class Row:
     means: dict[str, tuple[float, float] | None] = field(default_factory=dict)  # column -> (mean, sample std)
     f1_ci: tuple[float, float] | None = None
     ba_ci: tuple[float, float] | None = None
+    ap_ci: tuple[float, float] | None = None  # computed for a sweep grid only (sweep.md, sweep.png)
     baseline: str | None = None  # the data set's baseline cell (None: the grid names none)
     delta_f1: stats.Difference | None = None
     delta_ba: stats.Difference | None = None
@@ -632,7 +687,7 @@ class _Reader:
                     f"but summary.json results[{report!r}] says {recorded!r}; the run's files disagree: rerun it"
                 )
         run = Run(seed, run_dir, result, positives, negatives, tuple(table["path"]), labels, predicted, finite)
-        run.ece = _val_ece(summary, report)
+        run.ece, run.probs = _val_ece(summary, report), probs
         return run
 
 
@@ -718,7 +773,13 @@ def _difference(
 
 
 def _trained_row(
-    grid: Grid, cell: Cell, results: Path, seeds: int | None, reader: _Reader, base_runs: list[Run] | None
+    grid: Grid,
+    cell: Cell,
+    results: Path,
+    seeds: int | None,
+    reader: _Reader,
+    base_runs: list[Run] | None,
+    ap_interval: bool = False,
 ) -> Row:
     runs, failed, unreported = _runs(grid, cell, results, seeds, reader)
     row = Row(cell.id, cell.data, cell.method, "trained", cell.report, [r.seed for r in runs], failed, unreported)
@@ -742,6 +803,9 @@ def _trained_row(
         resample = reader.resample(labels, cell)
         row.f1_ci = stats.bootstrap_interval(labels, predicted, resample, stats.f1_score)
         row.ba_ci = stats.bootstrap_interval(labels, predicted, resample, stats.balanced_accuracy)
+        if ap_interval:  # on the probabilities, with the same draws; a sort per replicate, so only where shown
+            scores = _stack(runs, "probs", cell)
+            row.ap_ci = stats.bootstrap_interval(labels, scores, resample, stats.average_precision)
     if base_runs is not None and not row.is_baseline:
         by_seed = {r.seed: r for r in base_runs}
         pairs = [(r, by_seed[r.seed]) for r in runs if r.seed in by_seed]
@@ -789,9 +853,11 @@ def collect(
     seeds: int | None,
     replicates: int = BOOTSTRAP_REPLICATES,
     bootstrap_seed: int = BOOTSTRAP_SEED,
+    ap_interval: bool = False,
 ) -> list[Row]:
     """The table's rows, grouped by data set in grid order, each group ending with its no-skill row.
-    Failed, missing and unreported seeds are counted, never averaged in."""
+    Failed, missing and unreported seeds are counted, never averaged in. `ap_interval`: also the average
+    precision's interval (`Row.ap_ci`), which the sweep shows and the table does not."""
     reader = _Reader(replicates, bootstrap_seed)
     by_id = {c.id: c for c in grid.cells}
     rows: list[Row] = []
@@ -801,7 +867,7 @@ def collect(
             continue
         base_id = grid.baselines.get(data)
         base_runs = _runs(grid, by_id[base_id], results, seeds, reader)[0] if base_id else None
-        group_rows = [_trained_row(grid, c, results, seeds, reader, base_runs) for c in group]
+        group_rows = [_trained_row(grid, c, results, seeds, reader, base_runs, ap_interval) for c in group]
         rows += group_rows
         val = next((r.val for r in group_rows if r.val is not None), None)
         if val is not None:
@@ -853,6 +919,14 @@ def _ece(row: Row, seeds: int) -> str:
         return ""
     before = _mean_std(row.means["ece"], 3, seeds)
     return before + (f" → {_mean_std(row.means['ece_scaled'], 3, seeds)}" if row.means.get("ece_scaled") else "")
+
+
+def _seeds_text(row: Row) -> str:
+    """The seeds with numbers, and the runs that failed or lack the row's result set."""
+    if row.kind == "no_skill":
+        return "–"
+    text = f"{len(row.seeds)}" + (f" ({row.failed} failed)" if row.failed else "")
+    return text + (f" ({row.unreported} without {row.report})" if row.unreported else "")
 
 
 def _number(value: float | None) -> str:
@@ -912,11 +986,7 @@ def render_table(rows: list[Row], header: str) -> tuple[str, str]:
     for row in rows:
         lec, n = row.lecture, len(row.seeds)
         val_pos, val_neg = row.val if row.val else (None, None)
-        if row.kind == "no_skill":
-            seeds_text = "–"
-        else:
-            seeds_text = f"{n}" + (f" ({row.failed} failed)" if row.failed else "")
-            seeds_text += f" ({row.unreported} without {row.report})" if row.unreported else ""
+        seeds_text = _seeds_text(row)
         verdict = f"**{row.verdict}**" if row.verdict == NOT_BETTER else row.verdict
         lines.append(
             f"| {row.data} | {row.method} | {seeds_text} | {_with_interval(row, 'f1', row.f1_ci)} "
@@ -1078,12 +1148,160 @@ def plot_table(rows: list[Row], path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+# ---------------------------------------------------------------- the sweep: the table's rows as lines against x
+
+
+@dataclass
+class SweepPoints:
+    """A sweep grid's rows as points: the x values in order, the series in grid order, the row of each (series,
+    x) the grid has, and the all-cat (no-skill) row of the validation set at each x."""
+
+    x_label: str
+    xs: list[float]
+    series: list[str]
+    rows: dict[tuple[str, float], Row]
+    no_skill: dict[float, Row]
+
+
+def sweep_points(grid: Grid, cells: list[Cell], rows: list[Row]) -> SweepPoints:
+    by_id = {r.id: r for r in rows}
+    no_skill = {r.data: r for r in rows if r.kind == "no_skill"}
+    swept = [c for c in cells if c.x is not None and c.series is not None and c.id in by_id]
+    points = SweepPoints(
+        (grid.sweep or {}).get("x_label", "x"),
+        sorted({float(c.x) for c in swept}),  # type: ignore[arg-type]
+        list(dict.fromkeys(str(c.series) for c in swept)),
+        {(str(c.series), float(c.x)): by_id[c.id] for c in swept},  # type: ignore[arg-type]
+        {},
+    )
+    for cell in swept:  # a data set has a no-skill row once one of its runs finished: the first such at each x
+        if cell.data in no_skill:
+            points.no_skill.setdefault(float(cell.x), no_skill[cell.data])  # type: ignore[arg-type]
+    return points
+
+
+def render_sweep(grid: Grid, cells: list[Cell], rows: list[Row], header: str) -> str:
+    """sweep.md: the seeds of each point, then one table per metric, a row per series and a column per x. A cell
+    is its table row's own text (`_with_interval`: mean ± sample std [95% interval], no interval under 3 seeds),
+    – where no run of the point finished, blank where the grid has no such point; each table ends with the
+    all-cat predictor on each x's validation set (its no-skill row)."""
+    points = sweep_points(grid, cells, rows)
+    xs = ", ".join(f"{x:g}" for x in points.xs)
+    head = ["| series | " + " | ".join(f"{x:g}" for x in points.xs) + " |", "|---" * (len(points.xs) + 1) + "|"]
+
+    def table(title: str, text: Any, last: str | None = None) -> list[str]:
+        lines = [f"### {title}, against {points.x_label}", "", *head]
+        for name in points.series:
+            texts = [text(points.rows[(name, x)]) if (name, x) in points.rows else "" for x in points.xs]
+            lines.append(f"| {name} | {' | '.join(texts)} |")
+        return [*lines, *([last] if last else []), ""]
+
+    lines = [
+        header,
+        "",
+        f"## Sweep: {len(points.series)} series at {points.x_label} = {xs}",
+        "",
+        "The rows of table.md as points of lines: each cell is the row's mean ± sample std over seeds [95% "
+        f"interval], the same numbers; ({FEW_SEEDS}): fewer than {MIN_SEEDS_FOR_INTERVAL} seeds, no interval; –: "
+        "no finished run; blank: not a point of this grid. Each table ends with the all-cat predictor on that x's "
+        "validation set. sweep.png draws the same numbers (error bars: the 95% intervals).",
+        "",
+        *table("Seeds per point", _seeds_text),
+    ]
+    for column, attribute, title in SWEEP_METRICS:
+        no_skill = [
+            _with_interval(points.no_skill[x], column, None) if x in points.no_skill else "–" for x in points.xs
+        ]
+        lines += table(
+            f"{title} [95% CI]",
+            lambda row, column=column, attribute=attribute: _with_interval(row, column, getattr(row, attribute)),
+            f"| {NO_SKILL_METHOD} | {' | '.join(no_skill)} |",
+        )
+    markdown = "\n".join(lines)
+    return markdown + ("\n" + grid.notes.strip() + "\n" if grid.notes else "")
+
+
+def plot_sweep(grid: Grid, cells: list[Cell], rows: list[Row], path: Path) -> None:
+    """sweep.png: F1, balanced accuracy and average precision against x on a log axis, a line with markers per
+    series, error bars where the point has a 95% interval, the all-cat predictor dashed; a point with no
+    finished run is left out (its line joins its neighbours)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
+
+    points = sweep_points(grid, cells, rows)
+    fig, axes = plt.subplots(1, len(SWEEP_METRICS), figsize=(16, 5.2))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xh<>"
+    for ax, (column, attribute, title) in zip(axes, SWEEP_METRICS, strict=True):
+        for i, name in enumerate(points.series):
+            # the series side by side around each x (a constant factor on the log axis), so that the error bars
+            # of one x do not hide each other
+            shift = 1.025 ** (i - (len(points.series) - 1) / 2)
+            drawn = []
+            for x in points.xs:
+                row = points.rows.get((name, x))
+                mean = row.means.get(column) if row is not None else None
+                if row is not None and mean is not None and math.isfinite(mean[0]):
+                    drawn.append((x * shift, mean[0], getattr(row, attribute)))
+            if not drawn:
+                continue
+            colour = colours[i % len(colours)]
+            ax.plot(
+                [d[0] for d in drawn], [d[1] for d in drawn], marker=markers[i % len(markers)], color=colour, label=name
+            )
+            bars = [d for d in drawn if d[2] is not None]
+            if bars:
+                ax.errorbar(
+                    [x for x, _, _ in bars],
+                    [m for _, m, _ in bars],
+                    yerr=[[max(0.0, m - ci[0]) for _, m, ci in bars], [max(0.0, ci[1] - m) for _, m, ci in bars]],
+                    fmt="none",
+                    ecolor=colour,
+                    capsize=3,
+                    linewidth=1,
+                )
+        line = [(x, points.no_skill[x].means[column][0]) for x in points.xs if x in points.no_skill]
+        style = {"color": "black", "linestyle": "--", "linewidth": 1.2, "label": NO_SKILL_METHOD}
+        if len(line) == 1:  # one x: a line across the panel, not a dash of no length
+            ax.axhline(line[0][1], **style)
+        elif line:
+            ax.plot([x for x, _ in line], [v for _, v in line], **style)
+        ax.set_xscale("log")
+        if points.xs:  # room beside the first and last x for the side-by-side series
+            ax.set_xlim(points.xs[0] / 1.3, points.xs[-1] * 1.3)
+        ax.set_xticks(points.xs, [f"{x:g}" for x in points.xs])
+        ax.xaxis.set_minor_locator(NullLocator())  # the ratios are the ticks, not the decades between them
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel(points.x_label)
+        ax.set_title(f"{title} on validation", fontsize=10)
+        ax.grid(alpha=0.3)
+    unique: dict[str, Any] = {}
+    for ax in axes:  # one legend for the three panels, under them
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            unique.setdefault(label, handle)
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    legend_rows = (len(unique) + 3) // 4
+    fig.tight_layout(rect=(0, 0.05 * legend_rows + 0.02, 1, 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    from imbalance.io import atomic_write_bytes
+
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def write_results(grid: Grid, cells: list[Cell], results: Path, seeds: int | None, header: str) -> list[Row]:
-    rows = collect(grid, cells, results, seeds)
+    rows = collect(grid, cells, results, seeds, ap_interval=grid.sweep is not None)
     markdown, table_csv = render_table(rows, header)
     if grid.notes:
         markdown += "\n" + grid.notes.strip() + "\n"
     atomic_write_text(results / "table.md", markdown)
     atomic_write_text(results / "table.csv", table_csv)
     plot_table(rows, results / "table.png")
+    if grid.sweep is not None:  # the same rows by series and x, beside the table
+        atomic_write_text(results / "sweep.md", render_sweep(grid, cells, rows, header))
+        plot_sweep(grid, cells, rows, results / "sweep.png")
     return rows

@@ -1,8 +1,8 @@
 """Statistics of the case-study table, in NumPy alone (nothing here knows how a run was trained).
 
 Owns: the seed-and-photo bootstrap (`draw` makes the resampling indices, `bootstrap_replicates` and
-`bootstrap_interval` use them), the paired difference of a row to its baseline (`paired_difference`), the
-metrics vectorised over replicates (`f1_score`, `balanced_accuracy`, `average_precision`) and the no-skill
+`bootstrap_interval` use them, on decisions or, for average precision, on scores), the paired difference of
+a row to its baseline (`paired_difference`), the metrics vectorised over replicates (`f1_score`, `balanced_accuracy`, `average_precision`) and the no-skill
 baseline of a validation set (`no_skill`).
 
 Why both levels are resampled: a table of "mean over 3 seeds" mixes two sources of variance, the training
@@ -26,8 +26,12 @@ DEFAULT_REPLICATES = 2000
 DEFAULT_LEVEL = 0.95
 METHOD = "seed-and-photo bootstrap (seeds, then each seed's validation photos within each class, with replacement; percentile interval)"
 
-# (labels, predicted positive) of shape (..., photos) -> the metric, of shape (...)
+# (labels, predicted positive or a score) of shape (..., photos) -> the metric, of shape (...): F1 and balanced
+# accuracy take 0/1 decisions, average precision takes scores (P(positive))
 Metric = Callable[[np.ndarray, np.ndarray], np.ndarray]
+# photo draws per block of replicates: average precision sorts what it is given, so a table of 3,000-photo
+# validation sets is scored a block at a time rather than holding every replicate's copies at once
+BLOCK_DRAWS = 2**21
 
 
 @dataclass(frozen=True)
@@ -162,7 +166,9 @@ def average_precision(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 def _runs_and_predictions(
     labels: np.ndarray, predicted: np.ndarray, resample: Resample
 ) -> tuple[np.ndarray, np.ndarray]:
-    labels, predicted = _as_runs(labels), np.asarray(predicted).astype(bool)
+    labels, predicted = _as_runs(labels), np.asarray(predicted)
+    if not np.issubdtype(predicted.dtype, np.floating):  # decisions; floats are scores (average precision)
+        predicted = predicted.astype(bool)
     if predicted.shape != labels.shape:
         raise ValueError(f"predictions {predicted.shape} and labels {labels.shape} must have the same shape")
     if resample.seeds.shape[1] != labels.shape[0] or resample.photos.shape[2] != labels.shape[1]:
@@ -175,15 +181,19 @@ def _runs_and_predictions(
 
 def bootstrap_replicates(labels: np.ndarray, predicted: np.ndarray, resample: Resample, metric: Metric) -> np.ndarray:
     """The B replicate values: for each replicate, the metric of each drawn run on its drawn photos, averaged
-    over the drawn runs. `labels` and `predicted` are (K runs, N photos), as given to `draw`."""
+    over the drawn runs. `labels` and `predicted` are (K runs, N photos), as given to `draw`; `predicted` holds
+    what `metric` takes: decisions (F1, balanced accuracy) or float scores (average precision)."""
     labels, predicted = _runs_and_predictions(labels, predicted, resample)
     flat = (
         resample.flat
         if resample.flat.shape == resample.photos.shape
         else resample.seeds[..., None] * labels.shape[1] + resample.photos
     )
-    values = metric(labels.ravel().take(flat), predicted.ravel().take(flat))  # (B, K)
-    return values.mean(axis=1)
+    labels, predicted = labels.ravel(), predicted.ravel()
+    # replicates per block: each replicate's value depends on its own draws only, so blocks change nothing
+    step = max(1, BLOCK_DRAWS // max(1, int(np.prod(flat.shape[1:]))))
+    values = [metric(labels.take(part), predicted.take(part)) for part in np.split(flat, range(step, len(flat), step))]
+    return np.concatenate(values).mean(axis=1)  # (B, K) -> (B,)
 
 
 def interval(values: np.ndarray, level: float = DEFAULT_LEVEL) -> tuple[float, float]:

@@ -4,6 +4,7 @@ table's statistics on fake run folders (summary.json + predictions.csv from fixe
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import shutil
 import zlib
@@ -612,3 +613,222 @@ def test_ece_columns_average_each_runs_calibration_record(tmp_path):
     assert all(rows[c]["ece_mean"] == "" for c in rows if c.startswith("d2/"))  # runs without the record
     summary = json.loads((results / "runs" / "d1" / "ce" / "seed0" / "summary.json").read_text())
     assert _val_ece(summary, "dev_selected_checkpoint") == (0.9, None)  # that epoch's own model
+
+
+# ---------------------------------------------------------------- the imbalance-ratio sweep (issue 16)
+
+RATIO_SWEEP = GRID.parent / "ratio_sweep.yaml"
+RATIOS = (1, 2, 5, 11, 22, 50)
+
+
+def test_ratio_sweep_uses_the_case_study_recipe():
+    sweep, case = (yaml.safe_load(path.read_text()) for path in (RATIO_SWEEP, GRID))
+    assert sweep["defaults"] == case["defaults"]  # the sweep measures the case study's recipe, not its own
+
+
+def test_ratio_sweep_grid_plans_its_runs(capsys):
+    given = ["--grid", str(RATIO_SWEEP), "--data-dir", "somewhere", "--scale", "0.2", "--image-size", "64"]
+    assert case_study.main([*given, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 6 ratios x (CE, weighted, oversampling, logit-adjusted, MaxNorm stage 2) x 1 seed; post-hoc LA reuses CE
+    assert "30 runs, 30 to do, 36 cells" in out
+    assert "--train-counts 220,11000 --val-counts 1500,1500 --loss ce --data-dir somewhere --scale 0.2" in out
+    assert "--image-size 64" in out
+    assert "--decoupled maxnorm" in out and f"--from-run {Path('results/ratio-sweep/runs/ratio-50/ce/seed0')}" in out
+    assert case_study.main([*given, "--seeds", "3", "--dry-run"]) == 0
+    assert "90 runs, 90 to do, 36 cells" in capsys.readouterr().out
+    grid = load_grid(RATIO_SWEEP)
+    assert grid.name == "ratio-sweep" and grid.sweep == {"x_label": "training dogs per cat"} and grid.seeds == 1
+    series = {c.series for c in grid.cells}
+    assert len(series) == 6 and "plain CE" in series
+    for name in series:  # every line has a point at every ratio
+        assert sorted(c.x for c in grid.cells if c.series == name) == list(RATIOS), name
+    for cell in grid.cells:
+        flags = grid.flags_of(cell)
+        if cell.runs_of is None:  # positive (cat) first: the dogs fixed, the cats round(11000 / r)
+            assert flags["train_counts"] == [round(11000 / cell.x), 11000] and flags["val_counts"] == [1500, 1500]
+        assert cell.data == f"ratio-{cell.x:g}" and grid.baselines[cell.data] == f"{cell.data}/ce"
+        assert cell.stage1 in (None, f"{cell.data}/ce") and cell.runs_of in (None, f"{cell.data}/ce")
+    assert {c.report for c in grid.cells if c.runs_of} == {"posthoc_la"}
+
+
+def test_ratio_sweep_splits_share_validation_and_nest():
+    # what makes the sweep paired: at one seed every ratio scores the same validation photos, trains on the
+    # same dogs, and each smaller cat set (training and dev) is part of every larger one
+    from imbalance.config import RunConfig
+    from imbalance.data import draw_split, split_counts
+
+    files = {name: [f"{name}/{i}.jpg" for i in range(2600)] for name in ("Cat", "Dog")}
+    grid = load_grid(RATIO_SWEEP)
+    splits = []
+    for cell in (c for c in grid.cells if c.series == "plain CE"):
+        flags = grid.flags_of(cell)
+        counts = {k: tuple(flags[k]) for k in ("train_counts", "val_counts")}
+        cfg = RunConfig(data_dir=Path("d"), scale=0.2, **counts)
+        splits.append(draw_split(files, ("Dog", "Cat"), split_counts(cfg), seed=1, scale=0.2, dev_fraction=0.1))
+    cats = [[{p for p, label in part if label == 1} for part in split[:2]] for split in splits]  # (train, dev)
+    assert [len(train) + len(dev) for train, dev in cats] == [2200, 1100, 440, 200, 100, 44]
+    assert len(splits[0][2]) == 600 and all(split[2] == splits[0][2] for split in splits)  # the validation photos
+    for part in (0, 1):  # the dogs, training and dev
+        dogs = [{p for p, label in split[part] if label == 0} for split in splits]
+        assert all(d == dogs[0] for d in dogs) and len(dogs[0]) == (1980, 220)[part]
+    for (train, dev), (smaller_train, smaller_dev) in itertools.pairwise(cats):
+        assert smaller_train < train and smaller_dev < dev
+
+
+def point(**change) -> dict:
+    return {"id": "d/ce", "data": "d", "method": "CE", "flags": {"loss": "ce"}, "x": 2, "series": "CE", **change}
+
+
+def without(cell: dict, *keys: str) -> dict:
+    return {k: v for k, v in cell.items() if k not in keys}
+
+
+SWEEP = {"sweep": {"x_label": "dogs per cat"}}
+BAD_SWEEP_GRIDS = [  # (grid, the cell the error names or None, what it says)
+    (cells_grid(without(point(), "x"), **SWEEP), "d/ce", "lacks x (in a grid with sweep"),
+    (cells_grid(without(point(), "series"), **SWEEP), "d/ce", "lacks series"),
+    (cells_grid(without(point(), "x", "series"), **SWEEP), "d/ce", "lacks x and series"),
+    (
+        cells_grid(point(x="abc"), **SWEEP),
+        "d/ce",
+        "x must be a positive number (its place on the sweep's log axis), got 'abc'",
+    ),
+    (cells_grid(point(x=0), **SWEEP), "d/ce", "x must be a positive number"),
+    (cells_grid(point(x=-5), **SWEEP), "d/ce", "got -5"),
+    (cells_grid(point(x=True), **SWEEP), "d/ce", "got True"),
+    (cells_grid(point(x=[2]), **SWEEP), "d/ce", "got [2]"),
+    (cells_grid(point(series=3), **SWEEP), "d/ce", "series must be text"),
+    (cells_grid(point(series=""), **SWEEP), "d/ce", "series must be text"),
+    (
+        cells_grid(point(), point(id="d/ce2", x=2.0), **SWEEP),
+        "d/ce2",
+        "is series 'CE' at x 2, as cell 'd/ce' is",
+    ),
+    (
+        cells_grid(point()),
+        "d/ce",
+        "has x and series, which place a cell in a sweep, but the grid has no top-level sweep",
+    ),
+    (cells_grid(without(point(), "x")), "d/ce", "has series, which place"),
+    (cells_grid(point(), sweep="ratio"), None, "sweep must be a mapping"),
+    (cells_grid(point(), sweep={"x_lable": "r"}), None, "unknown sweep keys ['x_lable']"),
+    (cells_grid(point(), sweep={"x_label": 3}), None, "sweep: x_label must be text"),
+]
+
+
+@pytest.mark.parametrize("grid, cell, says", BAD_SWEEP_GRIDS)
+def test_bad_sweep_grids_are_config_errors_naming_the_file_and_the_cell(tmp_path, capsys, grid, cell, says):
+    test_bad_grids_are_config_errors_naming_the_file_and_the_cell(tmp_path, capsys, grid, cell, says)
+
+
+def test_a_good_sweep_grid_loads():
+    grid_file = Path("g.yaml")
+    grid_file.write_text(yaml.safe_dump(cells_grid(point(), point(id="d/w", series="W", x=5.5), sweep={})))
+    grid = load_grid(grid_file)  # an empty sweep mapping is a sweep: x_label defaults to x
+    assert grid.sweep == {"x_label": "x"} and [(c.series, c.x) for c in grid.cells] == [("CE", 2), ("W", 5.5)]
+
+
+FAKE_SWEEP = {
+    "name": "fake-sweep",
+    "seeds": 3,
+    "sweep": {"x_label": "dogs per cat"},
+    "baselines": {"r1": "r1/ce", "r5": "r5/ce"},
+    "cells": [
+        {"id": "r1/ce", "data": "r1", "method": "plain CE", "x": 1, "series": "plain CE", "flags": {"loss": "ce"}},
+        {"id": "r1/good", "data": "r1", "method": "remedy", "x": 1, "series": "remedy", "flags": {"loss": "weighted"}},
+        {"id": "r5/ce", "data": "r5", "method": "plain CE", "x": 5, "series": "plain CE", "flags": {"loss": "ce"}},
+        {"id": "r5/good", "data": "r5", "method": "remedy", "x": 5, "series": "remedy", "flags": {"loss": "weighted"}},
+        {
+            "id": "r5/ce-tuned",
+            "data": "r5",
+            "method": "CE, dev-tuned",
+            "x": 5,
+            "series": "tuned",
+            "runs_of": "r5/ce",
+            "report": "dev_tuned_threshold",
+        },
+        {"id": "r20/ce", "data": "r20", "method": "plain CE", "x": 20, "series": "plain CE", "flags": {"loss": "ce"}},
+    ],
+}
+FAKE_SWEEP_KINDS = {"r1/ce": "weak", "r1/good": "good", "r5/ce": "weak", "r5/good": "good", "r20/ce": "weak"}
+
+
+def sweep_tables(markdown: str) -> dict[str, dict[str, dict[str, str]]]:
+    """sweep.md's tables: title -> series -> x -> the cell's text."""
+    tables: dict[str, dict[str, dict[str, str]]] = {}
+    title, xs = None, []
+    for line in markdown.splitlines():
+        if line.startswith("### "):
+            title = line[4:].rsplit(", against ", 1)[0]
+            tables[title] = {}
+        elif title is not None and line.startswith("| series |"):
+            xs = [c.strip() for c in line.strip()[1:-1].split("|")][1:]
+        elif title is not None and line.startswith("| ") and xs:
+            texts = [c.strip() for c in line.strip()[1:-1].split("|")]
+            tables[title][texts[0]] = dict(zip(xs, texts[1:], strict=True))
+    return tables
+
+
+def test_sweep_md_and_png_from_fake_runs(tmp_path):
+    from imbalance.case_study import collect
+
+    grid_file, results = fake_results(tmp_path, FAKE_SWEEP, FAKE_SWEEP_KINDS)
+    shutil.rmtree(results / "runs" / "r20")  # a point none of whose runs finished
+    for seed in (1, 2):  # a point with one seed
+        shutil.rmtree(results / "runs" / "r5" / "good" / f"seed{seed}")
+    assert table_only(grid_file, results) == 0
+    assert (results / "sweep.png").stat().st_size > 1000 and (results / "table.md").is_file()
+    markdown = (results / "sweep.md").read_text()
+    assert (
+        markdown.startswith("# Case study: fake-sweep") and "## Sweep: 3 series at dogs per cat = 1, 5, 20" in markdown
+    )
+    tables = sweep_tables(markdown)
+    f1, ba, ap = (
+        tables[f"{t} [95% CI]"] for t in ("F1 of the positive class (cat)", "Balanced accuracy", "Average precision")
+    )
+    grid = load_grid(grid_file)
+    rows = {r.id: r for r in collect(grid, grid.cells, results, None, ap_interval=True)}
+    good = rows["r1/good"]
+    assert float(table_rows(results)["r1/good"]["f1_mean"]) == pytest.approx(good.means["f1"][0], abs=1e-6)
+    mean, std = good.means["f1"]
+    assert f1["remedy"]["1"] == f"{mean:.3f} ± {std:.3f} [{good.f1_ci[0]:.3f}, {good.f1_ci[1]:.3f}]"
+    assert ba["remedy"]["1"].startswith(f"{good.means['balanced_accuracy'][0]:.3f} ± ")
+    # the average precision's interval: the table's bootstrap (same draws, same seed) on the probabilities of the
+    # overlapping CE runs (the remedy's fake probabilities separate the classes: AP 1 on every draw)
+    ce = rows["r1/ce"]
+    labels, probs = [], []
+    for seed in range(3):
+        lines = list(csv.DictReader((results / "runs" / "r1" / "ce" / f"seed{seed}" / "predictions.csv").open()))
+        labels.append([int(r["label"]) for r in lines])
+        probs.append([float(np.float32(r["prob_last"])) for r in lines])
+    labels, probs = np.array(labels), np.array(probs)
+    low, high = stats.bootstrap_interval(
+        labels, probs, stats.draw(labels, 2000, BOOTSTRAP_SEED), stats.average_precision
+    )
+    assert ce.ap_ci == pytest.approx((low, high), abs=1e-12) and low < ce.means["average_precision"][0] < high < 1
+    assert ap["plain CE"]["1"].endswith(f" [{low:.3f}, {high:.3f}]") and good.ap_ci == (1.0, 1.0)
+    assert ce.means["average_precision"][0] == pytest.approx(
+        np.mean([average_precision_score(y, p) for y, p in zip(labels, probs, strict=True)]), abs=1e-6
+    )
+    one = rows["r5/good"]  # fewer than 3 seeds: no interval, as in the table
+    assert f1["remedy"]["5"] == f"{one.means['f1'][0]:.3f} (n<3)" and "[" not in ap["remedy"]["5"]
+    assert tables["Seeds per point"]["remedy"] == {"1": "3", "5": "1", "20": ""}
+    assert f1["plain CE"]["20"] == "–" and ap["plain CE"]["20"] == "–"  # nothing finished: no number
+    assert f1["tuned"]["1"] == "" and f1["tuned"]["5"].endswith("]")  # not a point of the grid: blank
+    no_skill = "all-cat predictor (no skill)"
+    assert (f1[no_skill], ba[no_skill], ap[no_skill]) == (
+        {"1": "0.667", "5": "0.667", "20": "–"},
+        {"1": "0.500", "5": "0.500", "20": "–"},
+        {"1": "0.500", "5": "0.500", "20": "–"},
+    )
+    first = (results / "sweep.md").read_text()
+    assert table_only(grid_file, results) == 0
+    assert (results / "sweep.md").read_text().split("\n", 4)[4] == first.split("\n", 4)[4]  # the same numbers
+
+
+def test_a_grid_without_sweep_writes_no_sweep(tmp_path):
+    grid, results = fake_results(tmp_path)
+    assert table_only(grid, results) == 0
+    assert (results / "table.md").is_file() and not (results / "sweep.md").exists()
+    assert not (results / "sweep.png").exists()
