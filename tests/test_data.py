@@ -362,3 +362,29 @@ def test_digits_manifest_replays_without_data_dir(tmp_path):
     original = json.loads(path.read_text())
     assert replayed["train"] == original["train"] and replayed["val"] == original["val"]
     assert replayed["sha256"] == original["sha256"] and replayed["layout"] == "embedded"
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_training_batches_are_the_same_in_loader_workers_and_leave_the_training_rng_alone(tmp_path, cache):
+    # loader workers seed each item without saving and restoring their random stream (issue 18: it cost a
+    # sixth of a cached item); the batches must still be those of the training process, which keeps its own
+    # stream untouched
+    from imbalance.data import ImbalanceDataModule
+
+    root = make_class_tree(tmp_path / "pets", {"Cat": 9, "Dog": 15})
+    split = load_split(RunConfig(data_dir=root, seed=3))
+    mean, std = (0.5,) * 3, (0.25,) * 3
+
+    def module(workers: int) -> ImbalanceDataModule:
+        return ImbalanceDataModule(split, 16, mean, std, batch_size=4, seed=3, num_workers=workers, cache=cache)
+
+    torch.manual_seed(11)
+    before = torch.random.get_rng_state()
+    first = module(0).train_set[(0, 1234)]
+    assert torch.equal(torch.random.get_rng_state(), before)  # the random crop drew from a forked stream
+    assert torch.equal(first[0], module(0).train_set[(0, 1234)][0])
+    in_process = [x for x, _, _ in module(0).train_dataloader()]
+    in_workers = [x for x, _, _ in module(2).train_dataloader()]
+    assert len(in_process) == len(in_workers) > 1
+    for a, b in zip(in_process, in_workers, strict=True):
+        assert torch.equal(a, b)
