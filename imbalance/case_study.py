@@ -56,7 +56,7 @@ COLUMNS = (
     ("precision", "precision"),
     ("recall", "recall"),
 )
-GRID_KEYS = {"name", "defaults", "seeds", "notes", "cells", "baselines", "sweep"}
+GRID_KEYS = {"name", "defaults", "seeds", "notes", "cells", "cells_from", "baselines", "sweep"}
 CELL_REQUIRED = ("id", "data", "method")
 SWEEP_KEYS = {"x_label"}  # of the top-level `sweep` mapping
 SWEEP_CELL_KEYS = ("x", "series")  # what places a cell of a sweep grid: its x (the log axis) and its line
@@ -216,6 +216,20 @@ def load_grid(path: Path) -> Grid:
     unknown_keys = set(raw) - GRID_KEYS
     if unknown_keys:
         fail(f"unknown top-level keys {sorted(unknown_keys)}; known: {sorted(GRID_KEYS)}")
+    if "cells_from" in raw:  # another grid's cells (and baselines) with this grid's defaults: same rows, new recipe
+        source = raw["cells_from"]
+        if "cells" in raw:
+            fail("has both cells and cells_from; keep one (cells_from takes the cells of another grid file)")
+        if not isinstance(source, str) or not source:
+            fail(f"cells_from must name a grid file (relative to this one), got {source!r}")
+        other = path.parent / source
+        try:
+            other_raw = yaml.safe_load(other.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            fail(f"cells_from {source}: {other} cannot be read: {one_line(error)}")
+        if not isinstance(other_raw, dict) or "cells" not in other_raw:
+            fail(f"cells_from {source}: {other} has no cells of its own to take")
+        raw = {**raw, "cells": other_raw["cells"], "baselines": raw.get("baselines", other_raw.get("baselines"))}
     name = raw.get("name", path.stem)
     if not isinstance(name, str) or not name:
         fail(f"name must be text (it names the folder results/<name>), got {name!r}")

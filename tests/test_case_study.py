@@ -832,3 +832,46 @@ def test_a_grid_without_sweep_writes_no_sweep(tmp_path):
     assert table_only(grid, results) == 0
     assert (results / "table.md").is_file() and not (results / "sweep.md").exists()
     assert not (results / "sweep.png").exists()
+
+
+GPU_GRID = GRID.parent / "case_study_gpu.yaml"
+
+
+def test_the_gpu_grid_has_the_case_study_cells_at_full_scale():
+    cpu, gpu = load_grid(GRID), load_grid(GPU_GRID)
+    assert [(c.id, c.flags, c.runs_of, c.stage1, c.report) for c in gpu.cells] == [
+        (c.id, c.flags, c.runs_of, c.stage1, c.report) for c in cpu.cells
+    ]
+    assert gpu.baselines == cpu.baselines and gpu.seeds == 3
+    assert gpu.defaults["image_size"] == 224 and gpu.defaults["scale"] == 0.99 and gpu.name != cpu.name
+
+
+@pytest.mark.parametrize(
+    "grid, says",
+    [
+        ({"cells_from": "other.yaml", "cells": [CE]}, "has both cells and cells_from"),
+        ({"cells_from": "missing.yaml"}, "cells_from missing.yaml:"),
+        ({"cells_from": 3}, "cells_from must name a grid file"),
+        ({"cells_from": "empty.yaml"}, "has no cells of its own to take"),
+    ],
+)
+def test_bad_cells_from_is_a_one_line_error(tmp_path, grid, says):
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump(cells_grid(CE)))
+    (tmp_path / "empty.yaml").write_text(yaml.safe_dump({"name": "x"}))
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(yaml.safe_dump(grid))
+    with pytest.raises(ConfigError) as error:
+        load_grid(grid_file)
+    assert str(error.value).startswith(f"--grid {grid_file}") and says in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_cells_from_takes_cells_and_baselines_but_keeps_its_own_defaults(tmp_path):
+    (tmp_path / "other.yaml").write_text(
+        yaml.safe_dump({**cells_grid(CE), "baselines": {"d": "d/ce"}, "defaults": {"epochs": 3}})
+    )
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(yaml.safe_dump({"name": "big", "cells_from": "other.yaml", "defaults": {"epochs": 30}}))
+    grid = load_grid(grid_file)
+    assert [c.id for c in grid.cells] == ["d/ce"] and grid.baselines == {"d": "d/ce"}
+    assert grid.defaults == {"epochs": 30} and grid.name == "big"
