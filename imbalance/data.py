@@ -896,13 +896,16 @@ class ImageDataset(Dataset):
         if isinstance(key, tuple):
             index, aug_seed = key
             image = self.load_input(index)
+            # The transforms draw from the CPU generator alone, so only it is seeded: torch.manual_seed would
+            # also queue a lazy seed for every accelerator backend, formatting the Python stack each time
+            # (issue 18: ~1 ms an item inside a loader, as much as a cached item's whole transform).
             if get_worker_info() is None:  # the training process: leave its own random stream as it was
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(aug_seed)
+                    torch.default_generator.manual_seed(aug_seed)
                     tensor = self.transform(image)
             else:  # a loader worker's stream serves these transforms alone, each item seeded anew: no need to
-                # save and restore it (that costs about a sixth of a cached item at 224 px)
-                torch.manual_seed(aug_seed)
+                # save and restore it
+                torch.default_generator.manual_seed(aug_seed)
                 tensor = self.transform(image)
         else:
             index = key
