@@ -62,7 +62,7 @@ def _output_problem(out: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name, least in (("steps", 1), ("rounds", 1), ("warmup", 0), ("block", 1), ("per_class", 1)):
+    for name, least in (("steps", 1), ("rounds", 1), ("warmup", 1), ("block", 1), ("per_class", 1)):
         value = getattr(args, name)
         if value < least:
             bound = "at least 1" if least == 1 else ">= 0"

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from imbalance.config import ConfigError, RunConfig
 from imbalance.losses import LOSSES, build_loss
-from imbalance.train import load_split, prepare
+from imbalance.train import _num_workers, load_split, prepare
 
 # issue 18: the Lightning path should run at >= 0.97 of the plain loop; a benchmark must resolve a 3% effect
 LIGHTNING_TARGET = 0.97
@@ -208,15 +208,15 @@ def interleaved_rates(
 
 
 def data_rate(loader, steps: int, warmup: int) -> float:
-    """Images per second the training loader delivers on its own."""
-    seen, start = 0, None
+    """Images per second the training loader delivers on its own: the clock runs over the `steps` timed
+    fetches (the warm-up fetches before it), so no batch is counted without its fetch."""
     batches = _endless(loader)
-    for i in range(warmup + steps):
+    for _ in range(warmup):
+        next(batches)
+    start, seen = time.perf_counter(), 0
+    for _ in range(steps):
         _, y, _ = next(batches)
-        if i == warmup:
-            start = time.perf_counter()
-        if i >= warmup:
-            seen += len(y)
+        seen += len(y)
     return seen / (time.perf_counter() - start)
 
 
@@ -325,6 +325,25 @@ def _data_rates(cfg: RunConfig, split, steps: int, warmup: int, rounds: int) -> 
     return results, build_seconds
 
 
+PREFETCH_FACTOR = 2  # torch's DataLoader default: each worker keeps this many batches ready
+
+
+def _notes(cfg: RunConfig, split, block: int, variants: dict[str, RunConfig]) -> list[str]:
+    """Caveats of this measurement: a path's loader workers keep filling their prefetch queue while the
+    other paths take their turns, so up to workers x PREFETCH_FACTOR batches of each block were loaded in the
+    other paths' time. That is alike for paths with the same loader settings (Lightning and the plain loop);
+    between different worker counts it favours the one with more workers unless --block is much longer."""
+    workers = {_num_workers(c, split) for c in (cfg, *variants.values())}
+    hidden = max(workers) * PREFETCH_FACTOR
+    if len(workers) > 1 and block < 10 * hidden:
+        return [
+            f"variants with different loader workers ({sorted(workers)}) at --block {block}: up to {hidden} of each "
+            f"block's batches were loaded while other paths ran; compare worker settings with --block >= "
+            f"{10 * hidden} or with --data-only"
+        ]
+    return []
+
+
 def run_benchmark(
     cfg: RunConfig,
     steps: int,
@@ -337,6 +356,12 @@ def run_benchmark(
     data_only: bool = False,
 ) -> dict[str, Any]:
     """All measurements and ratios; see the module docstring. `data_only`: the data pipeline alone."""
+    if warmup < 1:  # the interleaving starts the other paths at the end of Lightning's last warm-up step
+        raise ConfigError(f"--warmup must be at least 1, got {warmup}")
+    if cfg.accelerator == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("--accelerator gpu: no CUDA GPU is visible here; use --accelerator cpu or auto")
+    if data_only and variants:
+        raise ConfigError("--variants compares training loops; --data-only measures the data pipeline alone: drop one")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu")
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     bf16 = cfg.precision == "bf16-mixed"
@@ -347,6 +372,7 @@ def run_benchmark(
     results: dict[str, list[float]] = {}
     pairs: dict[str, tuple[str, str]] = {}  # ratio: (numerator, denominator), each taken within a round
     alone = "model_alone_channels_last" if cfg.channels_last else "model_alone_contiguous"
+    variant_cfgs: dict[str, RunConfig] = {}
     if not data_only:
         variant_cfgs = {spec: variant_config(cfg, spec) for spec in variants}  # every spec checked before timing
         paths: dict[str, _TimedPath] = {
@@ -401,7 +427,7 @@ def run_benchmark(
             "channels_last": bool(cfg.channels_last),
             "compile": cfg.compile,
             "cache": cfg.cache,
-            "num_workers": prepare(replace(cfg, cache=False), split)[2].num_workers,
+            "num_workers": _num_workers(cfg, split),
             "data": split.source,
             "torch_threads": torch.get_num_threads(),
             "variants": list(variants),
@@ -411,6 +437,7 @@ def run_benchmark(
         "ratios": ratios,  # the median over rounds of each round's ratio
         "ratio_rounds": ratio_rounds,
         "verdicts": verdicts,
+        "notes": _notes(cfg, split, block, variant_cfgs),
     }
     if build_seconds is not None:
         report["cache_build_seconds"] = build_seconds
@@ -458,6 +485,7 @@ def format_report(report: dict[str, Any]) -> str:
         )
     lines.append("")
     lines += [f"verdict: {line}" for line in report["verdicts"].values()]
+    lines += [f"note: {line}" for line in report.get("notes", [])]
     if "cache_build_seconds" in report:
         lines.append(f"cache build (train, dev, val; once per split and size): {report['cache_build_seconds']:.1f} s")
     if "loss_seconds_per_fwd_bwd" not in report:
@@ -494,8 +522,12 @@ def write_full_size_photos(
 
     from imbalance.data import IMAGE_EXTENSIONS
 
+    if not source.is_dir():
+        raise ConfigError(f"--data-dir {source} is not a folder of class folders (e.g. Cat/ and Dog/)")
     if out.exists():
         raise ConfigError(f"--write-full-size {out} already exists; remove it or choose another folder")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--write-full-size {out}: its parent folder {out.parent} does not exist; create it first")
     classes = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise ConfigError(f"--data-dir {source} has no class folders (e.g. Cat/ and Dog/) to copy from")
@@ -504,16 +536,24 @@ def write_full_size_photos(
     try:
         for folder in classes:
             (tmp / folder.name).mkdir(parents=True)
-            photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)[:per_class]
-            for photo in photos:
+            written: set[str] = set()
+            for photo in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS):
+                if len(written) == per_class:
+                    break
+                name = f"{photo.stem}.jpg"
+                if name in written:  # cat.png beside cat.jpg: keep both
+                    name = f"{photo.stem}_{photo.suffix[1:]}.jpg"
                 try:
                     with Image.open(photo) as image:
-                        image.convert("RGB").resize(size, Image.BICUBIC).save(
-                            tmp / folder.name / f"{photo.stem}.jpg", quality=quality
-                        )
-                except OSError:  # unreadable source photos are skipped, as the run's scan would
-                    continue
-            counts[folder.name] = len(list((tmp / folder.name).iterdir()))
+                        image = image.convert("RGB").resize(size, Image.BICUBIC)
+                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                    continue  # unreadable source photos are skipped, as the run's scan would
+                image.save(tmp / folder.name / name, quality=quality)
+                written.add(name)
+            counts[folder.name] = len(written)
+        if not all(counts.values()):
+            empty = [name for name, n in counts.items() if not n]
+            raise ConfigError(f"--data-dir {source}: no readable photos in {', '.join(empty)}; nothing to benchmark")
         tmp.rename(out)
     except BaseException:
         import shutil

@@ -161,7 +161,7 @@ def test_full_size_copies_and_data_only_benchmark(tmp_path, capsys):
         benchmark.main(["--data-dir", str(tree), "--write-full-size", str(out)])
     assert "already exists" in capsys.readouterr().err
     args = ["--data-dir", str(out), "--data-only", "--image-size", "32", "--batch-size", "4", "--steps", "2"]
-    assert benchmark.main(args + ["--block", "1", "--rounds", "2", "--warmup", "0", "--num-workers", "0"]) == 0
+    assert benchmark.main(args + ["--block", "1", "--rounds", "2", "--warmup", "1", "--num-workers", "0"]) == 0
     printed = capsys.readouterr().out
     assert "data cached / uncached" in printed and "verdict: data cached / uncached" in printed
     assert "lightning" not in printed and "cache build" in printed
@@ -171,3 +171,66 @@ def test_data_only_needs_photos(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--data-only", "--steps", "2", "--block", "1"])
     assert "--data-only measures the photo pipeline; add --data-dir" in capsys.readouterr().err
+
+
+def test_data_rate_counts_only_the_timed_fetches(monkeypatch):
+    # a batch fetched before the clock starts must not be counted (the reviewer's 556,250 img/s at --steps 1)
+    import imbalance.benchmark as bench
+
+    clock = iter(range(100))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(clock)))
+
+    class Loader:
+        def __iter__(self):
+            while True:
+                next(clock)  # each fetch takes one tick
+                yield None, [0] * 8, None
+
+    assert bench.data_rate(Loader(), steps=4, warmup=2) == 8 * 4 / (4 + 1)  # 4 fetches + the start tick
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--warmup", "0"], "--warmup must be at least 1, got 0"),
+        (["--accelerator", "gpu"], "--accelerator gpu: no CUDA GPU is visible here"),
+        (["--data-only", "--variants", "cache"], "--variants compares training loops"),
+    ],
+)
+def test_benchmark_option_errors_are_one_line(tmp_path, capsys, args, says):
+    import torch
+
+    if "gpu" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    tree = make_class_tree(tmp_path / "pets", {"Cat": 6, "Dog": 6})
+    with pytest.raises(SystemExit):
+        benchmark.main(["--data-dir", str(tree), "--steps", "1", "--block", "1", "--rounds", "1", *args])
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and says in err and err.count("\n") == 1
+
+
+def test_full_size_copies_refuse_bad_folders_and_keep_every_photo(tmp_path, capsys):
+    from PIL import Image
+
+    tree = make_class_tree(tmp_path / "pets", {"Cat": 2, "Dog": 3})
+    Image.new("RGB", (30, 20), (90, 20, 20)).save(tree / "Cat" / "0.png")  # same stem as 0.jpg
+    assert benchmark.main(["--data-dir", str(tree), "--write-full-size", str(tmp_path / "full")]) == 0
+    assert sorted(p.name for p in (tmp_path / "full" / "Cat").iterdir()) == ["0.jpg", "0_png.jpg", "1.jpg"]
+    capsys.readouterr()
+    (tmp_path / "empty" / "Cat").mkdir(parents=True)
+    (tmp_path / "empty" / "Dog").mkdir()
+    (tmp_path / "empty" / "Dog" / "x.jpg").write_bytes(b"no jpeg")
+    (tmp_path / "afile").write_text("x")
+    for source, out, says in [
+        (tmp_path / "missing", tmp_path / "o1", "is not a folder of class folders"),
+        (tree / "Cat" / "0.jpg", tmp_path / "o2", "is not a folder of class folders"),
+        (tree, tmp_path / "afile" / "o3", "its parent folder"),
+        (tree, tmp_path / "no" / "such" / "o4", "its parent folder"),
+        (tmp_path / "empty", tmp_path / "o5", "no readable photos in Cat, Dog"),
+    ]:
+        with pytest.raises(SystemExit):
+            benchmark.main(["--data-dir", str(source), "--write-full-size", str(out)])
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and says in err and err.count("\n") == 1, err
+        assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "empty", "full", "pets"]  # nothing left behind
