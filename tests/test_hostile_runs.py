@@ -62,6 +62,9 @@ def started(args: list[str], log: Path):
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # a shell's background job inherits SIGINT ignored, and Python then installs no Ctrl-C handler: the
+            # run must see Ctrl-C as a terminal would send it, whatever launched the tests
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         yield process
