@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import lightning as L
 import torch
@@ -133,7 +134,7 @@ class ModelAlone(_TimedPath):
 
 class _Interleaved(Callback):
     """Times each Lightning training step (batch end to batch end: data loading, hooks and logging
-    included) and, after every `block` timed steps, runs `block` steps of every plain loop, outside the
+    included) and, after every `block` timed steps, runs `block` steps of every other path, outside the
     Lightning intervals. Interleaving in short blocks puts every path under the same machine load, so a
     drift of the load over a minute cancels in the ratios instead of landing on one path."""
 
@@ -304,24 +305,16 @@ def _data_rates(cfg: RunConfig, split, steps: int, warmup: int, rounds: int) -> 
     (photos only), and the seconds it took to build the run's caches (train, dev and val) from scratch, in a
     fresh cache folder."""
     loaders = {"uncached": prepare(replace(cfg, cache=False), split)[2].train_dataloader()}
-    with tempfile.TemporaryDirectory() as cache_dir:
-        before = os.environ.get("IMBALANCE_CACHE")
-        os.environ["IMBALANCE_CACHE"] = cache_dir
-        try:
-            start = time.perf_counter()
-            cached = prepare(replace(cfg, cache=True), split)[2]  # train, dev and val decoded and stored
-            build_seconds = time.perf_counter() - start
-            loaders["cached"] = cached.train_dataloader()
-            results: dict[str, list[float]] = {}
-            for _ in range(rounds):
-                for name, loader in loaders.items():
-                    results.setdefault(f"data_{name}", []).append(data_rate(loader, steps, warmup))
-            del loaders["cached"], cached
-        finally:
-            if before is None:
-                os.environ.pop("IMBALANCE_CACHE", None)
-            else:
-                os.environ["IMBALANCE_CACHE"] = before
+    with tempfile.TemporaryDirectory() as cache_dir, mock.patch.dict(os.environ, {"IMBALANCE_CACHE": cache_dir}):
+        start = time.perf_counter()
+        cached = prepare(replace(cfg, cache=True), split)[2]  # train, dev and val decoded and stored
+        build_seconds = time.perf_counter() - start
+        loaders["cached"] = cached.train_dataloader()
+        results: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for name, loader in loaders.items():
+                results.setdefault(f"data_{name}", []).append(data_rate(loader, steps, warmup))
+        del loaders["cached"], cached  # its workers end before the cache folder goes
     return results, build_seconds
 
 
@@ -397,10 +390,8 @@ def run_benchmark(
         results.update(data)
         pairs["data cached / uncached"] = ("data_cached", "data_uncached")
         if not data_only:
-            pairs[f"data ({'cached' if cfg.cache else 'uncached'}) / model alone"] = (
-                f"data_{'cached' if cfg.cache else 'uncached'}",
-                alone,
-            )
+            pipeline = "cached" if cfg.cache else "uncached"
+            pairs[f"data ({pipeline}) / model alone"] = (f"data_{pipeline}", alone)
     rates = {name: statistics.median(values) for name, values in results.items()}
     ratio_rounds = {name: round_ratios(results, *pair) for name, pair in pairs.items()}
     ratios = {name: statistics.median(values) for name, values in ratio_rounds.items()}
@@ -520,7 +511,7 @@ def write_full_size_photos(
     Written into a temporary folder renamed to `out` at the end, so no half-written input is left."""
     from PIL import Image
 
-    from imbalance.data import IMAGE_EXTENSIONS
+    from imbalance.data import IMAGE_EXTENSIONS, DataError, _decode_rgb
 
     if not source.is_dir():
         raise ConfigError(f"--data-dir {source} is not a folder of class folders (e.g. Cat/ and Dog/)")
@@ -543,12 +534,11 @@ def write_full_size_photos(
                 name = f"{photo.stem}.jpg"
                 if name in written:  # cat.png beside cat.jpg: keep both
                     name = f"{photo.stem}_{photo.suffix[1:]}.jpg"
-                try:
-                    with Image.open(photo) as image:
-                        image = image.convert("RGB").resize(size, Image.BICUBIC)
-                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+                try:  # decoded as a run decodes it (16-bit images scaled, not saturated)
+                    image = _decode_rgb(photo)
+                except DataError:
                     continue  # unreadable source photos are skipped, as the run's scan would
-                image.save(tmp / folder.name / name, quality=quality)
+                image.resize(size, Image.BICUBIC).save(tmp / folder.name / name, quality=quality)
                 written.add(name)
             counts[folder.name] = len(written)
         if not all(counts.values()):

@@ -1061,6 +1061,16 @@ def render_table(rows: list[Row], header: str) -> tuple[str, str]:
     return "\n".join(lines) + "\n", buffer.getvalue()
 
 
+def _legend_below(fig: Any, axes: Any, ncol: int) -> int:
+    """One legend for all `axes` (each label once), centred under them; returns its number of rows."""
+    unique: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            unique.setdefault(label, handle)
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    return (len(unique) + ncol - 1) // ncol
+
+
 def plot_table(rows: list[Row], path: Path) -> None:
     """Two panels, rows grouped by data set: mean F1 and mean balanced accuracy with their 95% bootstrap
     intervals as error bars, each group's no-skill value as a dashed line, the lecture's F1 as markers."""
@@ -1147,19 +1157,11 @@ def plot_table(rows: list[Row], path: Path) -> None:
     ]
     ax_f1.set_yticks([p for p, _ in placed], ticks, fontsize=8)
     ax_f1.invert_yaxis()
-    unique: dict[str, Any] = {}
-    for ax in (ax_f1, ax_ba):  # one legend for both panels, under them, where it hides no bar
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            unique.setdefault(label, handle)
-    legend_rows = (len(unique) + 2) // 3
-    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=3, fontsize=8, frameon=False)
+    legend_rows = _legend_below(fig, (ax_f1, ax_ba), ncol=3)  # under both panels, where it hides no bar
     fig.tight_layout(rect=(0, 0.25 * legend_rows / height + 0.01, 1, 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    from imbalance.io import atomic_write_bytes
+    from imbalance.plots import _save
 
-    atomic_write_bytes(path, buffer.getvalue())
+    _save(fig, path)
 
 
 # ---------------------------------------------------------------- the sweep: the table's rows as lines against x
@@ -1292,19 +1294,11 @@ def plot_sweep(grid: Grid, cells: list[Cell], rows: list[Row], path: Path) -> No
         ax.set_xlabel(points.x_label)
         ax.set_title(f"{title} on validation", fontsize=10)
         ax.grid(alpha=0.3)
-    unique: dict[str, Any] = {}
-    for ax in axes:  # one legend for the three panels, under them
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            unique.setdefault(label, handle)
-    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    legend_rows = (len(unique) + 3) // 4
+    legend_rows = _legend_below(fig, axes, ncol=4)
     fig.tight_layout(rect=(0, 0.05 * legend_rows + 0.02, 1, 1))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    from imbalance.io import atomic_write_bytes
+    from imbalance.plots import _save
 
-    atomic_write_bytes(path, buffer.getvalue())
+    _save(fig, path)
 
 
 def write_results(grid: Grid, cells: list[Cell], results: Path, seeds: int | None, header: str) -> list[Row]:
