@@ -96,6 +96,8 @@ def test_two_process_ddp_gives_the_single_process_answer(tmp_path):
 TINY = ["--backbone", "test_resnet", "--image-size", "32", "--epochs", "4", "--logger", "csv"]
 
 
+# 43 s of three runs; the SIGTERM exit (143) and the resume after it are also tested, faster, in test_hostile_runs
+@pytest.mark.extended
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     cli(*TINY, "--out", "full")
     process = subprocess.Popen(

@@ -121,6 +121,8 @@ def break_backbone(monkeypatch, **kwargs) -> None:
 # 1. a run folder has one owner; a finished or started run is never overwritten silently
 
 
+# 17 s; the refusal of a folder in use is also tested, faster, by test_a_lock_held_by_a_live_process_or_left_by_a_dead_one
+@pytest.mark.extended
 def test_a_second_run_on_a_running_folder_is_refused_and_the_first_finishes(tmp_path, capsys):
     log = tmp_path / "first.log"
     with started([*FAST, "--epochs", "3", "--out", "shared"], log) as first:
@@ -243,7 +245,14 @@ def test_sigterm_mid_run_exits_143_saying_how_to_resume(tmp_path, capsys):
     assert [r["epoch"] for r in read_csv(run_dir / "metrics.csv")] == ["0", "1", "2"]
 
 
-@pytest.mark.parametrize("sig, code, name", [(signal.SIGTERM, 143, "SIGTERM"), (signal.SIGINT, 130, "Ctrl-C")])
+@pytest.mark.parametrize(
+    "sig, code, name",
+    [
+        (signal.SIGTERM, 143, "SIGTERM"),
+        # the same handler and clean-up as SIGTERM; only its exit code differs (10 s, so extended)
+        pytest.param(signal.SIGINT, 130, "Ctrl-C", marks=pytest.mark.extended),
+    ],
+)
 def test_a_signal_before_the_first_epoch_exits_non_zero_and_leaves_nothing(tmp_path, sig, code, name):
     log = tmp_path / "early.log"
     with started([*TINY, "--batch-size", "8", "--epochs", "2", "--out", "early"], log) as process:
