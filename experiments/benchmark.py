@@ -19,7 +19,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=60, help="timed steps per path and round")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps of each path before timing")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=10,
+        help="untimed steps of each path before timing (the first timed round ran slow after 3)",
+    )
     p.add_argument("--rounds", type=int, default=3, help="consecutive parts of the timed steps; medians are reported")
     p.add_argument("--block", type=int, default=5, help="paths take turns every this many steps (a divisor of --steps)")
     p.add_argument(

@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
 from imbalance.config import ConfigError, RunConfig
+from imbalance.data import normalize_images
 from imbalance.losses import LOSSES, build_loss
 from imbalance.train import _num_workers, load_split, prepare
 
@@ -80,6 +81,7 @@ class _TimedPath:
         self.device, self.bf16 = device, bf16
         _, module, self.datamodule = prepare(cfg, split)
         self.memory = torch.channels_last if module.channels_last else torch.contiguous_format
+        self.mean, self.std = module.hparams.mean, module.hparams.std
         self.model = module.backbone.to(device, memory_format=self.memory).train()
         self.loss_fn = module.loss_fn.to(device)
         lr, weight_decay, _ = module.optimisation()
@@ -93,7 +95,8 @@ class _TimedPath:
     def step(self, timed: bool = True) -> None:
         start = time.perf_counter()
         x, y = self.batch()
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory)
+        x = normalize_images(x.to(self.device, non_blocking=True), self.mean, self.std)  # as the data module does
+        x = x.contiguous(memory_format=self.memory)
         y = y.to(self.device, non_blocking=True)
         with _autocast(self.device, self.bf16):
             loss = self.loss_fn(self.model(x), y)

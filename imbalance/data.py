@@ -7,7 +7,9 @@ The path a sample takes:
    8-bit RGB, used by the scan, the loaders and the decode-once cache alike;
 3. `draw_split` draws validation first, then nested training sets, from a seeded permutation per class, and
    holds out a dev part of each training class (`dev_positions`: nested too) on which every decision is made;
-4. `ImbalanceDataModule` serves them, with samplers that stay correct under DDP.
+4. `ImbalanceDataModule` serves them, with samplers that stay correct under DDP, as uint8 images: the scaling
+   to float and the normalisation (`normalize_images`) run on the batch after it reached the device
+   (`on_after_batch_transfer`), so workers, collation and the host-to-device copy move a quarter of the bytes.
 
 Labels: 1 is the positive class (`--positive-class`, cat by default), 0 the negative one.
 """
@@ -33,11 +35,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from PIL import Image
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 from torchvision.transforms import v2
 
@@ -941,20 +946,15 @@ def train_augmentation(image_size: int, augment: str, crop_scale: float) -> list
 
 def make_transform(
     image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
     train: bool,
     photos: bool,
     augment: str = "crop-flip",
     crop_scale: float = DEFAULT_CROP_SCALE,
 ):
-    """Standard augmentation for training (photos: `train_augmentation`); resize (and centre crop for photos)
-    for evaluation, which `augment` and `crop_scale` do not change."""
-    finish = [
-        v2.ToImage(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean=list(mean), std=list(std)),
-    ]
+    """PIL image -> uint8 tensor (3, H, W), not yet normalised (`normalize_images` does that on the batch):
+    standard augmentation for training (photos: `train_augmentation`); resize (and centre crop for photos) for
+    evaluation, which `augment` and `crop_scale` do not change."""
+    finish = [v2.ToImage()]
     if not photos:  # digits: no flips (a flipped digit is another symbol), a small shift and scale only
         resize = [v2.Resize((image_size, image_size), antialias=True)]
         if train:
@@ -983,18 +983,22 @@ def cache_base_transform(image_size: int, train: bool) -> v2.Compose:
 
 
 def cached_transform(
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    train: bool,
-    augment: str = "crop-flip",
-    crop_scale: float = DEFAULT_CROP_SCALE,
+    image_size: int, train: bool, augment: str = "crop-flip", crop_scale: float = DEFAULT_CROP_SCALE
 ) -> v2.Compose:
-    """uint8 tensors from the cache -> normalised float tensors, with the augmentation done on uint8."""
-    finish = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    """uint8 tensors from the cache -> the training augmentation's uint8 crops, or (evaluation) as stored."""
     if train:
-        return v2.Compose(train_augmentation(image_size, augment, crop_scale) + finish)
-    return v2.Compose(finish)
+        return v2.Compose(train_augmentation(image_size, augment, crop_scale))
+    return v2.Compose([v2.Identity()])
+
+
+def normalize_images(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """A batch of the datasets' uint8 images (N, 3, H, W) -> float32 scaled to [0, 1] and normalised by the
+    backbone's (`mean`, `std`): what the transforms did per item before, now done once per batch where the
+    batch is used (the same torchvision operations, so the same numbers). Any other dtype is returned as it is
+    (features, or images already normalised)."""
+    if images.dtype != torch.uint8:
+        return images
+    return v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True), list(mean), list(std))
 
 
 def _decode_for_cache(job: tuple[str, int, bool]) -> np.ndarray:
@@ -1043,14 +1047,14 @@ def build_decoded_cache(
 
 
 def evaluation_dataset(
-    items: Sequence[tuple[str, int]], root: Path | None, image_size: int, mean, std, cache: bool
+    items: Sequence[tuple[str, int]], root: Path | None, image_size: int, cache: bool
 ) -> ImageDataset:
-    """`items` with the evaluation transform (no augmentation), through the decode-once cache when `cache`
-    (photos only; the cache is built here, in the calling process)."""
+    """`items` with the evaluation transform (no augmentation; uint8 images, see `normalize_images`), through
+    the decode-once cache when `cache` (photos only; the cache is built here, in the calling process)."""
     if cache and root is not None:
         path = build_decoded_cache(items, root, image_size, train=False)
-        return ImageDataset(items, root, cached_transform(image_size, mean, std, False), path)
-    return ImageDataset(items, root, make_transform(image_size, mean, std, False, root is not None))
+        return ImageDataset(items, root, cached_transform(image_size, False), path)
+    return ImageDataset(items, root, make_transform(image_size, False, root is not None))
 
 
 def default_image_size(split: SplitData) -> int:
@@ -1132,6 +1136,7 @@ class ImbalanceDataModule(L.LightningDataModule):
         self.epochs = epochs  # the run's epochs: the schedule of --sampling progressive
         self.seed = seed
         self.num_workers = num_workers
+        self.mean, self.std = tuple(mean), tuple(std)  # applied on the device, see on_after_batch_transfer
         photos = split.root is not None
         if cache and not photos:
             raise DataError("--cache decodes photos once; the embedded digits are already in memory. Drop --cache.")
@@ -1142,13 +1147,17 @@ class ImbalanceDataModule(L.LightningDataModule):
             raise DataError(f"--crop-scale {crop_scale} sets the crop of photos; the digits are not cropped. Drop it.")
         if cache:  # built here, in the launching process, before any DDP worker starts
             train_cache = build_decoded_cache(split.train, split.root, image_size, train=True)
-            transform = cached_transform(image_size, mean, std, True, augment, crop_scale)
+            transform = cached_transform(image_size, True, augment, crop_scale)
             self.train_set = ImageDataset(split.train, split.root, transform, train_cache)
         else:
-            transform = make_transform(image_size, mean, std, True, photos, augment, crop_scale)
+            transform = make_transform(image_size, True, photos, augment, crop_scale)
             self.train_set = ImageDataset(split.train, split.root, transform)
-        self.val_set = evaluation_dataset(split.val, split.root, image_size, mean, std, cache)
-        self.dev_set = evaluation_dataset(split.dev, split.root, image_size, mean, std, cache) if split.dev else None
+        self.val_set = evaluation_dataset(split.val, split.root, image_size, cache)
+        self.dev_set = evaluation_dataset(split.dev, split.root, image_size, cache) if split.dev else None
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # every loop's batches (train, val, dev; AutoBalance's pairs of them) are normalised here, on the device
+        return apply_to_collection(batch, Tensor, normalize_images, self.mean, self.std)
 
     def _replicas(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from imbalance.config import DECOUPLED, ConfigError, RunConfig, contradictions
-from imbalance.data import ImageDataset, ImbalanceDataModule, SplitData, evaluation_dataset
+from imbalance.data import ImageDataset, ImbalanceDataModule, SplitData, evaluation_dataset, normalize_images
 from imbalance.losses import CrossEntropy, WeightedCrossEntropy, balanced_class_weights
 from imbalance.metrics import confusion_metrics
 from imbalance.model import ImbalanceClassifier
@@ -177,13 +177,23 @@ def feature_device(cfg: RunConfig) -> torch.device:
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, dataset: Dataset, batch_size: int, num_workers: int, device: torch.device
+    backbone: nn.Module,
+    dataset: Dataset,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
 ) -> Tensor:
-    """Pooled features of every item of `dataset`, in its order, with the backbone in evaluation mode."""
+    """Pooled features of every item of `dataset` (uint8 images, normalised by `mean` and `std` on the
+    device), in its order, with the backbone in evaluation mode."""
     was_training = backbone.training
     backbone.eval().to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    parts = [pooled_features(backbone, images.to(device)).float().cpu() for images, _, _ in loader]
+    parts = [
+        pooled_features(backbone, normalize_images(images.to(device), mean, std)).float().cpu()
+        for images, _, _ in loader
+    ]
     backbone.train(was_training)
     backbone.to("cpu")
     return torch.cat(parts) if parts else torch.zeros(0, backbone.num_features)
@@ -209,6 +219,9 @@ class FeatureDataModule(ImbalanceDataModule):
     """`ImbalanceDataModule`'s loaders (the same exact DDP sharding, val at dataloader_idx 0 and dev at 1) over
     precomputed features instead of photos."""
 
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return batch  # features: nothing to normalise
+
     def __init__(
         self, split: SplitData, features: dict[str, Tensor], batch_size: int, sampling: str, seed: int
     ) -> None:
@@ -227,11 +240,11 @@ class FeatureDataModule(ImbalanceDataModule):
         self.dev_set = FeatureSet(features["dev"], split.dev) if split.dev else None
 
 
-def image_sets(cfg: RunConfig, split: SplitData, image_size: int, mean, std) -> dict[str, ImageDataset]:
+def image_sets(cfg: RunConfig, split: SplitData, image_size: int) -> dict[str, ImageDataset]:
     """Train, dev and validation photos with the evaluation transform (no augmentation: features are
     computed once), through the decode-once cache with --cache."""
     return {
-        name: evaluation_dataset(getattr(split, name), split.root, image_size, mean, std, cfg.cache)
+        name: evaluation_dataset(getattr(split, name), split.root, image_size, cfg.cache)
         for name in ("train", "dev", "val")
         if getattr(split, name)
     }
@@ -337,7 +350,10 @@ class DecoupledClassifier(ImbalanceClassifier):
         return weight, bias
 
     def forward(self, inputs: Tensor) -> Tensor:
-        features = inputs if inputs.ndim == 2 else pooled_features(self.backbone, inputs)
+        if inputs.ndim == 2:
+            features = inputs
+        else:  # images: a dataset's uint8 ones are normalised as the data module would
+            features = pooled_features(self.backbone, normalize_images(inputs, self.hparams.mean, self.hparams.std))
         weight, bias = self.effective_head()
         return nn.functional.linear(features, weight, bias)
 
@@ -434,8 +450,8 @@ def prepare(cfg: RunConfig, split: SplitData):
     )
     device = feature_device(cfg)
     features = {
-        name: extract_features(stage1_backbone, images, max(64, cfg.batch_size), workers, device)
-        for name, images in image_sets(cfg, split, image_size, mean, std).items()
+        name: extract_features(stage1_backbone, images, mean, std, max(64, cfg.batch_size), workers, device)
+        for name, images in image_sets(cfg, split, image_size).items()
     }
     say(f"stage 2 ({cfg.decoupled}): features of {sum(len(f) for f in features.values())} photos computed once")
     module = DecoupledClassifier(

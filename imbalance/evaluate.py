@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from imbalance.data import (
     discover,
     make_transform,
     manifest_digest,
+    normalize_images,
     read_manifest,
     scan_images,
     split_from_manifest,
@@ -174,13 +176,21 @@ def manifest_items(
 
 @torch.no_grad()
 def predict(
-    backbone: torch.nn.Module, dataset: ImageDataset, batch_size: int = 128, num_workers: int = 0
+    backbone: torch.nn.Module,
+    dataset: ImageDataset,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 128,
+    num_workers: int = 0,
 ) -> np.ndarray:
-    """P(positive) for every item of `dataset`, in order."""
+    """P(positive) for every item of `dataset` (uint8 images, normalised by `mean` and `std` on the device), in
+    order."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone = backbone.to(device)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    probs = [positive_probability(backbone(images.to(device))).cpu() for images, _, _ in loader]
+    probs = [
+        positive_probability(backbone(normalize_images(images.to(device), mean, std))).cpu() for images, _, _ in loader
+    ]
     return torch.cat(probs).numpy() if probs else np.zeros(0)
 
 
@@ -217,10 +227,9 @@ def dev_predictions(
     if not content.get("dev"):
         return None, f"no dev split to tune on: {path} lists none (the run had --dev-fraction 0)"
     split = split_from_manifest(path, content, data_dir, parts=("dev",), what=what)
-    transform = make_transform(
-        hparams["image_size"], hparams["mean"], hparams["std"], train=False, photos=split.root is not None
-    )
-    probs = predict(backbone, ImageDataset(split.dev, split.root, transform), batch_size, num_workers)
+    transform = make_transform(hparams["image_size"], train=False, photos=split.root is not None)
+    dataset = ImageDataset(split.dev, split.root, transform)
+    probs = predict(backbone, dataset, hparams["mean"], hparams["std"], batch_size, num_workers)
     return {"label": np.array([label for _, label in split.dev]), "prob": probs}, f"the dev split of {path}"
 
 
@@ -258,11 +267,9 @@ def evaluate(
         root, items, skipped, source = manifest_items(found, hparams, data_dir)
     if not items:
         raise DataError(f"no usable images to evaluate ({source})")
-    transform = make_transform(
-        hparams["image_size"], hparams["mean"], hparams["std"], train=False, photos=root is not None
-    )
+    transform = make_transform(hparams["image_size"], train=False, photos=root is not None)
     dataset = ImageDataset(items, root, transform)
-    probs = predict(backbone, dataset, batch_size, num_workers)
+    probs = predict(backbone, dataset, hparams["mean"], hparams["std"], batch_size, num_workers)
     labels = np.array([label for _, label in items])
     # the dev split lives where the run's manifest says (a --data-dir given to evaluate a folder is not it)
     dev, dev_source = dev_predictions(

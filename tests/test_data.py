@@ -75,7 +75,7 @@ def test_scan_is_cached_and_notices_changed_files(tmp_path, monkeypatch):
 def test_modes_are_converted_to_rgb(tmp_path):
     root = messy_petimages(tmp_path / "PetImages")
     split = load_split(RunConfig(data_dir=root, seed=0))
-    dataset = ImageDataset(split.train + split.val, split.root, make_transform(24, (0.5,) * 3, (0.5,) * 3, False, True))
+    dataset = ImageDataset(split.train + split.val, split.root, make_transform(24, False, True))
     for i in range(len(dataset)):
         image, label, index = dataset[i]
         assert image.shape == (3, 24, 24) and index == i
@@ -225,7 +225,7 @@ def test_embedded_digits_is_imbalanced_and_stratified():
     n_pos, n_neg = split.train_counts[1] + split.val_counts[1], split.train_counts[0] + split.val_counts[0]
     assert n_pos == 174 and n_neg == 1797 - 174
     assert split.val_counts[1] == round(0.25 * 174)
-    image, label, _ = ImageDataset(split.val, None, make_transform(32, (0.5,) * 3, (0.5,) * 3, False, False))[0]
+    image, label, _ = ImageDataset(split.val, None, make_transform(32, False, False))[0]
     assert image.shape == (3, 32, 32) and isinstance(label, int)
     assert torch.isfinite(image).all()
 
@@ -264,6 +264,44 @@ def test_decode_once_cache_matches_the_uncached_pipeline(tmp_path):
     assert build_decoded_cache(split.val, split.root, 24, train=False) == cached.val_set.cache_path
     assert build_decoded_cache(split.val, split.root, 32, train=False) != cached.val_set.cache_path
     assert not list((tmp_path / ".cache").glob("*.tmp*"))
+
+
+@pytest.mark.parametrize("cache", [False, True], ids=["uncached", "cached"])
+def test_batches_are_uint8_and_reach_the_model_as_the_per_item_normalisation_gave_them(tmp_path, cache):
+    # issue 18: items stay uint8 through the workers and the collation (a quarter of the bytes), and the data
+    # module normalises each batch after its transfer; the model must see exactly what the per-item pipeline
+    # (resize and centre crop, then ToDtype and Normalize on each item) gave it before.
+    from torchvision.transforms import v2
+
+    from imbalance.data import ImbalanceDataModule, normalize_images
+
+    root = messy_petimages(tmp_path / "PetImages")
+    split = load_split(RunConfig(data_dir=root, seed=0))
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    data = ImbalanceDataModule(split, 24, mean, std, batch_size=4, cache=cache)
+    old = v2.Compose(
+        [
+            v2.Resize(28, antialias=True),
+            v2.CenterCrop(24),
+            v2.ToImage(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+        ]
+    )
+    images, labels, indices = next(iter(data.val_dataloader()[0]))
+    assert images.dtype == torch.uint8
+    got, got_labels, got_indices = data.on_after_batch_transfer((images, labels, indices), 0)
+    expected = []
+    for i in indices.tolist():
+        with Image.open(root / split.val[i][0]) as img:
+            expected.append(old(img.convert("RGB")))
+    assert got.dtype == torch.float32 and torch.equal(got, torch.stack(expected))
+    assert torch.equal(got_labels, labels) and torch.equal(got_indices, indices)  # integers untouched
+    # AutoBalance's batches are pairs of such batches: both normalised; float tensors (features) pass unchanged
+    pair = data.on_after_batch_transfer({"train": (images, labels, indices), "meta": (images, labels, indices)}, 0)
+    assert torch.equal(pair["train"][0], got) and torch.equal(pair["meta"][0], got)
+    features = torch.randn(4, 8)
+    assert normalize_images(features, mean, std) is features
 
 
 def test_cache_needs_photos():

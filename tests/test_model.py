@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from imbalance.config import ConfigError
+from imbalance.config import ConfigError, RunConfig
 from imbalance.losses import LOSSES, build_loss
 from imbalance.model import (
     ImbalanceClassifier,
@@ -146,3 +146,45 @@ def test_weights_from_a_cli_runs_lightning_checkpoint(tmp_path):
             torch.testing.assert_close(loaded[key[len("backbone.") :]], value, msg=key)
     assert run_cli.main([*tiny, "--loss", "ce", "--weights", str(ckpt), "--out", "runs/B"]) == 0
     assert (tmp_path / "runs" / "B" / "summary.json").is_file()
+
+
+def test_the_module_takes_a_datasets_uint8_images_as_the_data_module_normalises_them():
+    from imbalance.data import normalize_images
+
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    module = ImbalanceClassifier(
+        create_backbone("test_resnet", 2),
+        build_loss(RunConfig(), [10, 2]),
+        RunConfig().to_dict(),
+        [10, 2],
+        mean=mean,
+        std=std,
+    ).eval()
+    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    normalised = normalize_images(images, mean, std)
+    expected = (images.float() / 255 - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    assert torch.allclose(normalised, expected, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(module(images), module(normalised))
+
+
+def test_the_epochs_training_metrics_are_those_of_per_step_updates(monkeypatch):
+    # issue 18: the steps' outputs are kept and given to the metrics once, at the epoch's end
+    from imbalance.metrics import flatten_metrics, make_metrics
+
+    module = ImbalanceClassifier(
+        create_backbone("test_resnet", 2), build_loss(RunConfig(), [10, 2]), RunConfig().to_dict(), [10, 2]
+    )
+    generator = torch.Generator().manual_seed(0)
+    steps = [(torch.rand(7, generator=generator), torch.randint(0, 2, (7,), generator=generator)) for _ in range(5)]
+    per_step = make_metrics().clone(prefix="train/")
+    for probs, labels in steps:
+        per_step.update(probs, labels)
+    logged = {}
+    monkeypatch.setattr(module, "log_dict", logged.update)
+    module._train_outputs.extend(steps)
+    module.on_train_epoch_end()
+    expected = flatten_metrics(per_step.compute(), module.class_names)
+    assert logged.keys() == expected.keys() and not module._train_outputs
+    for name, value in expected.items():
+        assert logged[name] == pytest.approx(value, abs=1e-6), name

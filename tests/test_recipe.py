@@ -21,6 +21,7 @@ from imbalance.data import (
     embedded_digits,
     load_split,
     make_transform,
+    normalize_images,
 )
 from imbalance.decoupled import DecoupledClassifier, read_stage1, stage2_config
 from imbalance.losses import CrossEntropy
@@ -47,6 +48,12 @@ def seeded(transform, image, seed: int) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transform(image)
+
+
+def normalized(item: torch.Tensor) -> torch.Tensor:
+    """A uint8 item as the data module hands it to the model: normalised on the batch (`normalize_images`)."""
+    assert item.dtype == torch.uint8
+    return normalize_images(item[None], MEAN, STD)[0]
 
 
 @pytest.fixture
@@ -124,10 +131,10 @@ def test_a_digits_manifest_with_a_photo_augmentation_is_refused_by_the_data_modu
 @pytest.mark.parametrize("cached", [False, True], ids=["pil", "uint8"])
 def test_the_default_training_transform_is_the_old_one(photo, cached):
     image = v2.functional.pil_to_tensor(photo) if cached else photo
-    new = cached_transform(SIZE, MEAN, STD, True) if cached else make_transform(SIZE, MEAN, STD, True, True)
+    new = cached_transform(SIZE, True) if cached else make_transform(SIZE, True, True)
     old = old_train_transform(cached)
     for seed in SEEDS:
-        assert torch.equal(seeded(new, image, seed), seeded(old, image, seed)), seed
+        assert torch.equal(normalized(seeded(new, image, seed)), seeded(old, image, seed)), seed
 
 
 def test_the_default_data_module_trains_on_the_old_transform(pet_split, pet_tree):
@@ -138,23 +145,23 @@ def test_the_default_data_module_trains_on_the_old_transform(pet_split, pet_tree
             photo = img.convert("RGB")
         cached_input = cached.train_set.load_input(index)
         for seed in SEEDS:
-            assert torch.equal(plain.train_set[(index, seed)][0], seeded(old_train_transform(False), photo, seed))
-            assert torch.equal(
-                cached.train_set[(index, seed)][0], seeded(old_train_transform(True), cached_input, seed)
-            )
+            expected = seeded(old_train_transform(False), photo, seed)
+            assert torch.equal(normalized(plain.train_set[(index, seed)][0]), expected)
+            expected = seeded(old_train_transform(True), cached_input, seed)
+            assert torch.equal(normalized(cached.train_set[(index, seed)][0]), expected)
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["pil", "uint8"])
-def test_trivial_augment_follows_the_crop_and_flip_and_precedes_the_normalisation(cached):
-    build = cached_transform if cached else (lambda *a, **k: make_transform(*a[:4], True, **k))
-    transform = build(SIZE, MEAN, STD, True, augment="trivial", crop_scale=0.3)
+def test_trivial_augment_follows_the_crop_and_flip_on_uint8_items(cached):
+    build = cached_transform if cached else (lambda *a, **k: make_transform(*a[:2], True, **k))
+    transform = build(SIZE, True, augment="trivial", crop_scale=0.3)
     kinds = [type(t) for t in transform.transforms]
     expected = [v2.RandomResizedCrop, v2.RandomHorizontalFlip, v2.TrivialAugmentWide]
-    expected += [v2.ToDtype, v2.Normalize] if cached else [v2.ToImage, v2.ToDtype, v2.Normalize]
+    expected += [] if cached else [v2.ToImage]  # the normalisation follows on the batch (normalize_images)
     assert kinds == expected
     assert transform.transforms[0].scale == (0.3, 1.0)
     # evaluation is never augmented: the recipe options leave it as it was
-    evaluation = cached_transform(SIZE, MEAN, STD, False) if cached else make_transform(SIZE, MEAN, STD, False, True)
+    evaluation = cached_transform(SIZE, False) if cached else make_transform(SIZE, False, True)
     assert not any(isinstance(t, (v2.TrivialAugmentWide, v2.RandomResizedCrop)) for t in evaluation.transforms)
 
 
@@ -166,7 +173,7 @@ def test_trivial_augment_changes_the_batch_and_is_the_same_for_the_same_seed(pet
     for seed in SEEDS:
         first, again = trivial.train_set[(3, seed)][0], trivial.train_set[(3, seed)][0]
         assert torch.equal(first, again), f"seed {seed}: the same seed gave another augmented tensor"
-        assert first.shape == (3, SIZE, SIZE) and first.dtype == torch.float32
+        assert first.shape == (3, SIZE, SIZE) and first.dtype == torch.uint8
         changed += not torch.equal(first, default.train_set[(3, seed)][0])
     assert changed > 0, "TrivialAugmentWide changed no sample"
     assert not torch.equal(trivial.train_set[(3, 0)][0], trivial.train_set[(3, 1)][0])
