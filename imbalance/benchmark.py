@@ -9,6 +9,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -211,15 +212,18 @@ def interleaved_rates(
     return out
 
 
-def data_rate(loader, steps: int, warmup: int) -> float:
+def data_rate(loader, steps: int, warmup: int, ready: Callable[[Tensor], Tensor] | None = None) -> float:
     """Images per second the training loader delivers on its own: the clock runs over the `steps` timed
-    fetches (the warm-up fetches before it), so no batch is counted without its fetch."""
+    fetches (the warm-up fetches before it), so no batch is counted without its fetch. `ready` makes each
+    batch's images what the model takes (moved to the device and normalised, as the data module does)."""
     batches = _endless(loader)
     for _ in range(warmup):
         next(batches)
     start, seen = time.perf_counter(), 0
     for _ in range(steps):
-        _, y, _ = next(batches)
+        x, y, _ = next(batches)
+        if ready is not None:
+            ready(x)
         seen += len(y)
     return seen / (time.perf_counter() - start)
 
@@ -303,11 +307,20 @@ def variant_config(cfg: RunConfig, spec: str) -> RunConfig:
     return replace(cfg, **changes).validate()
 
 
-def _data_rates(cfg: RunConfig, split, steps: int, warmup: int, rounds: int) -> tuple[dict[str, list[float]], float]:
+def _data_rates(
+    cfg: RunConfig, split, steps: int, warmup: int, rounds: int, device: torch.device
+) -> tuple[dict[str, list[float]], float]:
     """Per-round images per second of the training loader alone, uncached and on the decode-once cache
-    (photos only), and the seconds it took to build the run's caches (train, dev and val) from scratch, in a
-    fresh cache folder."""
-    loaders = {"uncached": prepare(replace(cfg, cache=False), split)[2].train_dataloader()}
+    (photos only), each batch made ready for the model on `device` (moved and normalised, as in a run), and
+    the seconds it took to build the run's caches (train, dev and val) from scratch, in a fresh cache folder."""
+    uncached = prepare(replace(cfg, cache=False), split)[2]
+    loaders = {"uncached": uncached.train_dataloader()}
+
+    def ready(images: Tensor) -> Tensor:
+        out = normalize_images(images.to(device, non_blocking=True), uncached.mean, uncached.std)
+        _sync(device)
+        return out
+
     with tempfile.TemporaryDirectory() as cache_dir, mock.patch.dict(os.environ, {"IMBALANCE_CACHE": cache_dir}):
         start = time.perf_counter()
         cached = prepare(replace(cfg, cache=True), split)[2]  # train, dev and val decoded and stored
@@ -316,7 +329,7 @@ def _data_rates(cfg: RunConfig, split, steps: int, warmup: int, rounds: int) -> 
         results: dict[str, list[float]] = {}
         for _ in range(rounds):
             for name, loader in loaders.items():
-                results.setdefault(f"data_{name}", []).append(data_rate(loader, steps, warmup))
+                results.setdefault(f"data_{name}", []).append(data_rate(loader, steps, warmup, ready))
         del loaders["cached"], cached  # its workers end before the cache folder goes
     return results, build_seconds
 
@@ -389,7 +402,7 @@ def run_benchmark(
             pairs[f"plain loop [{spec}] / plain loop"] = (f"plain_loop[{spec}]", "plain_loop")
     build_seconds = None
     if photos:
-        data, build_seconds = _data_rates(cfg, split, steps, warmup, rounds)
+        data, build_seconds = _data_rates(cfg, split, steps, warmup, rounds, device)
         results.update(data)
         pairs["data cached / uncached"] = ("data_cached", "data_uncached")
         if not data_only:

@@ -991,14 +991,28 @@ def cached_transform(
     return v2.Compose([v2.Identity()])
 
 
-def normalize_images(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
-    """A batch of the datasets' uint8 images (N, 3, H, W) -> float32 scaled to [0, 1] and normalised by the
-    backbone's (`mean`, `std`): what the transforms did per item before, now done once per batch where the
-    batch is used (the same torchvision operations, so the same numbers). Any other dtype is returned as it is
-    (features, or images already normalised)."""
-    if images.dtype != torch.uint8:
+_NORMALISATION: dict[tuple, tuple[Tensor, Tensor]] = {}  # (device, mean, std) -> their (3, 1, 1) tensors
+
+
+def normalize_images(
+    images: Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """A batch of the datasets' uint8 images (N, 3, H, W) -> scaled to [0, 1] and normalised by the backbone's
+    (`mean`, `std`), as `dtype` (the model's, e.g. float64 under --precision 64-true): what the transforms did per
+    item before, now done once per batch where the batch is used. The operations are torchvision's own
+    (`to_dtype(scale=True)`, then `normalize`), in float32, so the numbers are the same. Anything else (labels,
+    features, images already normalised) is returned as it is."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
         return images
-    return v2.functional.normalize(v2.functional.to_dtype(images, torch.float32, scale=True), list(mean), list(std))
+    key = (images.device, tuple(mean), tuple(std))
+    if key not in _NORMALISATION:  # made once per device: a tensor built from a list on a GPU waits for the GPU
+        _NORMALISATION[key] = tuple(
+            torch.tensor(list(values), dtype=torch.float32, device=images.device).view(-1, 1, 1)
+            for values in (mean, std)
+        )
+    mean_t, std_t = _NORMALISATION[key]
+    out = images.to(torch.float32).mul_(1.0 / 255).sub_(mean_t).div_(std_t)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def _decode_for_cache(job: tuple[str, int, bool]) -> np.ndarray:
@@ -1156,8 +1170,12 @@ class ImbalanceDataModule(L.LightningDataModule):
         self.dev_set = evaluation_dataset(split.dev, split.root, image_size, cache) if split.dev else None
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        # every loop's batches (train, val, dev; AutoBalance's pairs of them) are normalised here, on the device
-        return apply_to_collection(batch, Tensor, normalize_images, self.mean, self.std)
+        # every loop's batches (train, val, dev; AutoBalance's pairs of them) are normalised here, on the device;
+        # then converted as Lightning converted float batches before they moved (--precision 64-true, bf16-true),
+        # which passed these uint8 images over
+        batch = apply_to_collection(batch, Tensor, normalize_images, self.mean, self.std)
+        trainer = self.trainer
+        return batch if trainer is None else trainer.precision_plugin.convert_input(batch)
 
     def _replicas(self) -> tuple[int, int]:
         trainer = self.trainer

@@ -353,7 +353,9 @@ class DecoupledClassifier(ImbalanceClassifier):
         if inputs.ndim == 2:
             features = inputs
         else:  # images: a dataset's uint8 ones are normalised as the data module would
-            features = pooled_features(self.backbone, normalize_images(inputs, self.hparams.mean, self.hparams.std))
+            dtype = next(self.backbone.parameters()).dtype
+            images = normalize_images(inputs, self.hparams.mean, self.hparams.std, dtype)
+            features = pooled_features(self.backbone, images)
         weight, bias = self.effective_head()
         return nn.functional.linear(features, weight, bias)
 

@@ -196,7 +196,9 @@ class ImbalanceClassifier(L.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         # the data module normalises its batches on the device; uint8 images given here directly (a dataset's
         # items) get the same treatment, so the module takes them as they are
-        images = normalize_images(images, self.hparams.mean, self.hparams.std)
+        if images.dtype == torch.uint8:
+            dtype = next(self.backbone.parameters()).dtype  # float64 under --precision 64-true
+            images = normalize_images(images, self.hparams.mean, self.hparams.std, dtype)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images)

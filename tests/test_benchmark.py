@@ -187,6 +187,10 @@ def test_data_rate_counts_only_the_timed_fetches(monkeypatch):
                 yield None, [0] * 8, None
 
     assert bench.data_rate(Loader(), steps=4, warmup=2) == 8 * 4 / (4 + 1)  # 4 fetches + the start tick
+    # each timed batch is made ready for the model (moved and normalised) inside the clock
+    readied = []
+    bench.data_rate(Loader(), steps=3, warmup=1, ready=lambda x: readied.append(next(clock)))
+    assert len(readied) == 3
 
 
 @pytest.mark.parametrize(

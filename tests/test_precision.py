@@ -240,3 +240,20 @@ def test_compile_with_the_gpu_defaults_trains_and_validates(probe):
     assert run_cli.main(args) == 0
     step = check_run(probe)
     assert step["compiled"] and step["channels_last"]
+
+
+@pytest.mark.parametrize("precision, dtype", [("64-true", torch.float64), ("bf16-true", torch.bfloat16)])
+def test_a_true_precision_gets_its_own_dtype_from_the_uint8_batches(tmp_path, precision, dtype):
+    # the loaders' uint8 images pass over Lightning's conversion of float batches, so the data module converts
+    # them after normalising: without it, a float64 or bf16 model got float32 input and the run crashed
+    seen = []
+    original = ImbalanceClassifier.training_step
+
+    def training_step(self, batch, batch_idx):
+        seen.append(batch[0].dtype)
+        return original(self, batch, batch_idx)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ImbalanceClassifier, "training_step", training_step)
+        assert run_cli.main([*TINY, "--precision", precision, "--out", str(tmp_path / "run")]) == 0
+    assert seen == [dtype]
