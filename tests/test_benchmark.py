@@ -90,9 +90,13 @@ class _Path:
 
     def __init__(self, name, calls):
         self.name, self.calls = name, calls
+        self.images, self.seconds = [], []
 
     def step(self, timed=True):
         self.calls.append((self.name, timed))
+        if timed:
+            self.images.append(4)
+            self.seconds.append(1.0)
 
 
 def test_the_paths_take_turns_in_blocks_after_their_own_warmup():
@@ -116,6 +120,17 @@ def test_the_paths_take_turns_in_blocks_after_their_own_warmup():
     assert len(timer.seconds) == 6 and timer.images == [4] * 6  # the steps after warm-up, each timed once
     assert calls.count(("a", True)) == 6 and calls.count(("a", False)) == 2
 
+
+
+def test_the_model_alone_ceilings_take_turns_among_themselves_after_their_warmup():
+    from imbalance.benchmark import alternating_rates
+
+    calls = []
+    paths = {"a": _Path("a", calls), "b": _Path("b", calls)}
+    rates = alternating_rates(paths, steps=4, warmup=1, rounds=2, block=2)
+    block = [("a", True)] * 2 + [("b", True)] * 2
+    assert calls == [("a", False), ("b", False)] + block * 4  # 2 rounds x 4 steps in blocks of 2
+    assert rates == {"a": [4.0, 4.0], "b": [4.0, 4.0]}
 
 def test_round_rates_split_the_timed_steps_into_equal_consecutive_parts():
     from imbalance.benchmark import _round_rates
