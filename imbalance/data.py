@@ -885,7 +885,8 @@ class ImageDataset(Dataset):
             return self.load_image(index)
         if self._cache is None:
             self._cache = np.load(self.cache_path, mmap_mode="r")
-        return torch.from_numpy(np.array(self._cache[index]))
+        # stored (H, W, 3): a (3, H, W) view with channels-last strides, which the uint8 resize takes as it is
+        return torch.from_numpy(np.array(self._cache[index])).permute(2, 0, 1)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -968,11 +969,13 @@ def make_transform(
 
 # ------------------------------------------------------------------------------------ decode-once cache
 
-CACHE_VERSION = 2  # 2: decoded by to_rgb (16-bit images scaled, not saturated)
+# 2: decoded by to_rgb (16-bit images scaled, not saturated); 3: each photo stored (H, W, 3), channels last, so
+# torchvision's uint8 resize of a training crop needs no re-packing (issue 18: 0.39 -> 0.26 ms a 224-px crop)
+CACHE_VERSION = 3
 
 
 def cache_base_transform(image_size: int, train: bool) -> v2.Compose:
-    """The deterministic part of the photo pipeline, PIL -> uint8 (3, H, W), stored by the cache.
+    """The deterministic part of the photo pipeline, PIL -> uint8 (3, H, W), stored by the cache (as (H, W, 3)).
 
     Validation: resize and centre crop, exactly the uncached evaluation transform before normalisation.
     Training: resize and a centre square of side image_size / 0.875, on which the random crop then works
@@ -986,9 +989,13 @@ def cached_transform(
     image_size: int, train: bool, augment: str = "crop-flip", crop_scale: float = DEFAULT_CROP_SCALE
 ) -> v2.Compose:
     """uint8 tensors from the cache -> the training augmentation's uint8 crops, or (evaluation) as stored."""
-    if train:
+    if train:  # the crop's resize returns a contiguous (3, H, W) tensor
         return v2.Compose(train_augmentation(image_size, augment, crop_scale))
-    return v2.Compose([v2.Identity()])
+    return v2.Compose([v2.Lambda(_contiguous)])
+
+
+def _contiguous(image: Tensor) -> Tensor:
+    return image.contiguous()  # a stored evaluation photo, (3, H, W) in the usual layout like every other item
 
 
 _NORMALISATION: dict[tuple, tuple[Tensor, Tensor]] = {}  # (device, mean, std) -> their (3, 1, 1) tensors
@@ -1017,7 +1024,7 @@ def normalize_images(
 
 def _decode_for_cache(job: tuple[str, int, bool]) -> np.ndarray:
     path, image_size, train = job
-    return cache_base_transform(image_size, train)(_decode_rgb(Path(path))).numpy()
+    return cache_base_transform(image_size, train)(_decode_rgb(Path(path))).permute(1, 2, 0).numpy()
 
 
 def build_decoded_cache(
@@ -1040,7 +1047,7 @@ def build_decoded_cache(
     path.parent.mkdir(parents=True, exist_ok=True)
     side = int(math.ceil(image_size / 0.875)) if train else image_size
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
-    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), 3, side, side))
+    array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), side, side, 3))
     jobs = [(str(Path(root) / p), image_size, train) for p, _ in items]
     try:
         workers = workers or min(8, os.cpu_count() or 1)

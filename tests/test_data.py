@@ -253,11 +253,11 @@ def test_decode_once_cache_matches_the_uncached_pipeline(tmp_path):
         assert seen == len(items)
     # training: the cache holds the deterministic base the random crop starts from
     base = np.load(cached.train_set.cache_path, mmap_mode="r")
-    assert base.shape == (len(split.train), 3, 28, 28) and base.dtype == np.uint8
+    assert base.shape == (len(split.train), 28, 28, 3) and base.dtype == np.uint8  # channels last
     for i, (path, _) in enumerate(split.train[:5]):
         with Image.open(root / path) as img:
             expected = cache_base_transform(24, train=True)(img.convert("RGB"))
-        assert torch.equal(torch.from_numpy(np.array(base[i])), expected)
+        assert torch.equal(torch.from_numpy(np.array(base[i])).permute(2, 0, 1), expected)
     first, second = next(iter(plain.train_dataloader())), next(iter(cached.train_dataloader()))
     assert torch.equal(first[2], second[2]) and first[0].shape == second[0].shape  # same samples, same order
     # the same split and size reuse the file; another size builds another one
