@@ -121,7 +121,6 @@ def test_the_paths_take_turns_in_blocks_after_their_own_warmup():
     assert calls.count(("a", True)) == 6 and calls.count(("a", False)) == 2
 
 
-
 def test_the_model_alone_ceilings_take_turns_among_themselves_after_their_warmup():
     from imbalance.benchmark import alternating_rates
 
@@ -131,6 +130,7 @@ def test_the_model_alone_ceilings_take_turns_among_themselves_after_their_warmup
     block = [("a", True)] * 2 + [("b", True)] * 2
     assert calls == [("a", False), ("b", False)] + block * 4  # 2 rounds x 4 steps in blocks of 2
     assert rates == {"a": [4.0, 4.0], "b": [4.0, 4.0]}
+
 
 def test_round_rates_split_the_timed_steps_into_equal_consecutive_parts():
     from imbalance.benchmark import _round_rates
