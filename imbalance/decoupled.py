@@ -350,12 +350,8 @@ class DecoupledClassifier(ImbalanceClassifier):
         return weight, bias
 
     def forward(self, inputs: Tensor) -> Tensor:
-        if inputs.ndim == 2:
-            features = inputs
-        else:  # images: a dataset's uint8 ones are normalised as the data module would
-            dtype = next(self.backbone.parameters()).dtype
-            images = normalize_images(inputs, self.hparams.mean, self.hparams.std, dtype)
-            features = pooled_features(self.backbone, images)
+        # features, or images (a dataset's uint8 ones normalised as the data module would)
+        features = inputs if inputs.ndim == 2 else pooled_features(self.backbone, self.normalised(inputs))
         weight, bias = self.effective_head()
         return nn.functional.linear(features, weight, bias)
 

@@ -193,12 +193,17 @@ class ImbalanceClassifier(L.LightningModule):
         self._first_bad_batch: Tensor | None = None
         self._first_bad_loss: Tensor | None = None
 
+    def normalised(self, images: Tensor) -> Tensor:
+        """`images` as the backbone takes them. The data module normalises its batches on the device; uint8 images
+        given to the module directly (a dataset's items) get the same treatment here, in the backbone's dtype
+        (float64 under --precision 64-true); anything else is returned as it is."""
+        if images.dtype != torch.uint8:
+            return images
+        dtype = next(self.backbone.parameters()).dtype
+        return normalize_images(images, self.hparams.mean, self.hparams.std, dtype)
+
     def forward(self, images: Tensor) -> Tensor:
-        # the data module normalises its batches on the device; uint8 images given here directly (a dataset's
-        # items) get the same treatment, so the module takes them as they are
-        if images.dtype == torch.uint8:
-            dtype = next(self.backbone.parameters()).dtype  # float64 under --precision 64-true
-            images = normalize_images(images, self.hparams.mean, self.hparams.std, dtype)
+        images = self.normalised(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.backbone(images)
