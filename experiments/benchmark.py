@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         default="",
         help="extra plain loops to compare, comma-separated, each a '+'-joined spec of: "
-        "channels-last, contiguous, cache, no-cache, compile, workers-0 ... workers-4 (e.g. cache+workers-1)",
+        "channels-last, contiguous, cache, no-cache, compile, workers-0 ... workers-4, glibc-malloc (glibc's usual "
+        "malloc instead of a CPU run's, imbalance.allocator) (e.g. cache+workers-1)",
     )
     p.add_argument("--data-dir", type=Path, help="photo folder (default: the embedded digits)")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the photos to use")

@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from imbalance.allocator import keep_freed_memory
 from imbalance.config import ConfigError, RunConfig
 from imbalance.data import normalize_images
 from imbalance.losses import LOSSES, build_loss
@@ -114,9 +115,19 @@ class PlainLoop(_TimedPath):
     """A hand-written training loop over the run's real training loader (each step's time includes
     fetching its batch)."""
 
-    def __init__(self, cfg: RunConfig, split, device: torch.device, bf16: bool) -> None:
+    def __init__(self, cfg: RunConfig, split, device: torch.device, bf16: bool, glibc_malloc: bool = False) -> None:
         super().__init__(cfg, split, device, bf16)
         self.batches = _endless(self.datamodule.train_dataloader())
+        self.glibc_malloc = glibc_malloc
+
+    def step(self, timed: bool = True) -> None:
+        if not self.glibc_malloc:
+            return super().step(timed)
+        keep_freed_memory(False)
+        try:
+            super().step(timed)
+        finally:
+            keep_freed_memory(True)
 
     def batch(self) -> tuple[Tensor, Tensor]:
         x, y, _ = next(self.batches)
@@ -310,14 +321,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "compile": {"compile": True},
     **{f"workers-{n}": {"num_workers": n} for n in range(5)},
 }
+# Not a RunConfig setting: the plain loop with glibc's usual malloc behaviour instead of a CPU run's
+# (imbalance.allocator), switched for each of its steps, its loader workers forked with it
+GLIBC_MALLOC = "glibc-malloc"
 
 
 def variant_config(cfg: RunConfig, spec: str) -> RunConfig:
     """`cfg` with the changes of a --variants spec such as "cache+workers-1"; ConfigError on an unknown name."""
     changes: dict[str, Any] = {}
     for name in spec.split("+"):
+        if name == GLIBC_MALLOC:
+            continue
         if name not in VARIANTS:
-            raise ConfigError(f"--variants: unknown setting {name!r} in {spec!r}; choose from {', '.join(VARIANTS)}")
+            choices = ", ".join([*VARIANTS, GLIBC_MALLOC])
+            raise ConfigError(f"--variants: unknown setting {name!r} in {spec!r}; choose from {choices}")
         changes.update(VARIANTS[name])
     return replace(cfg, **changes).validate()
 
@@ -388,6 +405,8 @@ def run_benchmark(
         raise ConfigError("--variants compares training loops; --data-only measures the data pipeline alone: drop one")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu")
     accelerator = "gpu" if device.type == "cuda" else "cpu"
+    if device.type == "cpu":  # as a CPU run does (imbalance.train.fit): every path reuses freed memory
+        keep_freed_memory()
     bf16 = cfg.precision == "bf16-mixed"
     split = load_split(cfg)
     photos = split.root is not None
@@ -401,7 +420,12 @@ def run_benchmark(
         variant_cfgs = {spec: variant_config(cfg, spec) for spec in variants}  # every spec checked before timing
         paths: dict[str, _TimedPath] = {"plain_loop": PlainLoop(cfg, split, device, bf16)}
         for spec, variant in variant_cfgs.items():
-            paths[f"plain_loop[{spec}]"] = PlainLoop(variant, split, device, bf16)
+            glibc_malloc = GLIBC_MALLOC in spec.split("+")
+            if glibc_malloc and device.type != "cpu":
+                raise ConfigError(
+                    f"--variants {spec}: {GLIBC_MALLOC} compares a CPU run's malloc settings; drop it on a GPU"
+                )
+            paths[f"plain_loop[{spec}]"] = PlainLoop(variant, split, device, bf16, glibc_malloc)
         results.update(interleaved_rates(cfg, split, steps, warmup, rounds, block, accelerator, paths))
         # The model-alone ceilings run in a phase of their own, taking turns with each other only: interleaved
         # with the end-to-end paths, two more models and their optimiser states between every Lightning block

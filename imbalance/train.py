@@ -39,6 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from imbalance.allocator import keep_freed_memory
 from imbalance.config import ConfigError, RunConfig, contradictions, option_text
 from imbalance.data import ImbalanceDataModule, SplitData, default_image_size, load_manifest, load_split
 from imbalance.decoupled import stage2_epochs
@@ -599,6 +600,8 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
         cfg = _stage2_config(cfg, given)
     cfg.validate()
     hw = stage2_hardware(cfg, hardware(cfg))
+    if hw["accelerator"] == "cpu" or not torch.cuda.is_available():  # a CPU run: its steps reuse memory
+        keep_freed_memory()
     run_name, run_dir = resolve_run(cfg)
     overwrite = cfg.overwrite
     cfg = replace(cfg, run_name=run_name, out=run_dir, overwrite=False)  # an action, not part of the run

@@ -33,7 +33,7 @@ def test_benchmark_smoke_on_photos_with_cache_and_memory(tmp_path, capsys):
         "0",
         "--cache",
         "--variants",
-        "channels-last,no-cache+workers-1",
+        "channels-last,no-cache+workers-1,glibc-malloc",
         "--out",
         "bench.json",
     ]
@@ -45,6 +45,7 @@ def test_benchmark_smoke_on_photos_with_cache_and_memory(tmp_path, capsys):
         "plain_loop",
         "plain_loop[channels-last]",
         "plain_loop[no-cache+workers-1]",
+        "plain_loop[glibc-malloc]",
         "lightning",
         "data_cached",
         "data_uncached",
@@ -52,6 +53,7 @@ def test_benchmark_smoke_on_photos_with_cache_and_memory(tmp_path, capsys):
         assert report["images_per_second"][key] > 0, key
         assert len(report["all_rounds"][key]) == 1, key
     assert "plain loop [no-cache+workers-1] / plain loop" in report["ratios"]
+    assert "plain loop [glibc-malloc] / plain loop" in report["ratios"]
     assert report["cache_build_seconds"] > 0
     assert "lightning / plain loop" in report["ratios"] and "data cached / uncached" in report["ratios"]
     assert set(report["loss_time_relative_to_ce"]) >= {"ce", "focal", "ldam", "autobalance"}
@@ -59,6 +61,20 @@ def test_benchmark_smoke_on_photos_with_cache_and_memory(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "lightning / plain loop" in out and "verdict: lightning / plain loop" in out and "spread" in out
     assert report["ratio_rounds"]["lightning / plain loop"] and "not resolved" in report["verdict"]  # one round
+
+
+def test_the_glibc_malloc_variant_switches_for_its_own_steps_only(monkeypatch):
+    import imbalance.benchmark as bench
+
+    calls = []
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda keep=True: calls.append(keep) or True)
+    monkeypatch.setattr(bench._TimedPath, "step", lambda self, timed=True: calls.append("step"))
+    loop = object.__new__(bench.PlainLoop)
+    loop.glibc_malloc = True
+    loop.step()
+    loop.glibc_malloc = False
+    loop.step()
+    assert calls == [False, "step", True, "step"]  # the run's settings back after the variant's step
 
 
 def test_round_ratios_are_paired_within_each_round():

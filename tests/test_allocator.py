@@ -1,0 +1,67 @@
+"""The CPU runs' malloc settings (imbalance.allocator): a freed large block is reused, not faulted in again."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+import imbalance.train as train
+from experiments import run as run_cli
+
+glibc = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings"
+)
+
+# Page faults of a 64 MiB tensor allocated, written and freed once more: in a fresh process, with glibc's
+# defaults and then after keep_freed_memory(). Run in a child, since the settings hold for the whole process.
+FAULTS = """
+import resource, torch
+from imbalance.allocator import keep_freed_memory
+
+def faults_of_a_reused_block():
+    # allocated and freed a few times first: PyTorch's 64-byte aligned blocks leave a small chunk beside each
+    # freed one, so the heap takes a few rounds before a freed block is large enough to serve the next
+    for _ in range(12):
+        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.empty(64 << 20, dtype=torch.uint8).fill_(2)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = faults_of_a_reused_block()
+applied = keep_freed_memory()
+print(default, applied, faults_of_a_reused_block())
+"""
+
+
+@glibc
+def test_a_freed_large_block_is_reused_without_page_faults():
+    out = subprocess.run([sys.executable, "-c", FAULTS], capture_output=True, text=True, timeout=120, check=True)
+    default, applied, kept = out.stdout.split()
+    if int(default) < 16:  # e.g. jemalloc preloaded, or glibc told so by the environment: nothing to show
+        pytest.skip(f"the default allocator already reuses the block ({default} faults)")
+    assert applied == "True"
+    # 64 MiB is 16,384 pages of 4 KiB (32 huge pages): the default faults each in again, the settings none
+    assert int(kept) * 10 < int(default), (default, kept)
+
+
+def test_a_cpu_run_applies_the_settings(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(train, "keep_freed_memory", lambda: calls.append(True) or True)
+    monkeypatch.chdir(tmp_path)
+    args = ["--backbone", "test_resnet", "--image-size", "32", "--accelerator", "cpu", "--fast-dev-run"]
+    assert run_cli.main(args) == 0
+    assert calls == [True]
+
+
+@glibc
+def test_the_settings_switch_both_ways():
+    from imbalance import allocator
+
+    try:
+        assert allocator.keep_freed_memory() and allocator.keep_freed_memory()  # twice: nothing more to do
+        assert allocator.keep_freed_memory(False) and allocator._state is False
+    finally:
+        allocator.keep_freed_memory()  # this process as a CPU run leaves it (every test's fit sets it anyway)
