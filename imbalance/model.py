@@ -246,7 +246,9 @@ class ImbalanceClassifier(L.LightningModule):
         # kept on the device and given to the metrics once, at the epoch's end: the same exact epoch metrics
         # without 16 metric updates a step (issue 18: ~2 ms a step, a tenth of a short GPU step)
         self._train_outputs.append((positive_probability(logits.detach()), labels))
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        # synced: under DDP each rank's loss is its share of the global batch, and rank 0's alone was logged;
+        # one scalar all-reduce a step, beside the gradients' own
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(labels))
         return loss
 
     # How often the host looks at the device's note of a non-finite loss: every step where that costs nothing

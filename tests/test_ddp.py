@@ -85,6 +85,9 @@ def test_two_process_ddp_gives_the_single_process_answer(tmp_path):
             for key in ("tp", "fp", "tn", "fn", "f1", "precision", "recall"):
                 assert float(a[f"{stage}/{key}"]) == float(b[f"{stage}/{key}"]), (stage, key)
             assert float(a[f"{stage}/auroc"]) == pytest.approx(float(b[f"{stage}/auroc"]), abs=1e-6), stage
+        # the training loss too: each rank's weighted loss is its share of the global batch's, so the epoch's
+        # loss is the ranks' mean (synced), not rank 0's own batches
+        assert float(a["train/loss_epoch"]) == pytest.approx(float(b["train/loss_epoch"]), rel=1e-5)
     preds_one, preds_two = read_csv(one / "predictions.csv"), read_csv(two / "predictions.csv")
     assert [r["path"] for r in preds_one] == [r["path"] for r in preds_two] and len(preds_two) == 13
     for a, b in zip(preds_one, preds_two, strict=True):
