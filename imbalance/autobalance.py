@@ -170,7 +170,8 @@ class AutoBalanceSearch(L.LightningModule):
         opt_model.zero_grad()
         self.manual_backward(loss)  # the loss parameters get no update here: only opt_model steps
         opt_model.step()
-        self.log("search/train_loss", loss, prog_bar=True, batch_size=len(labels))
+        # the ranks' mean, as the module's train/loss (the meta loss below is the global batch's on every rank)
+        self.log("search/train_loss", loss, prog_bar=True, sync_dist=True, batch_size=len(labels))
         if batch_idx % self.upper_every:
             return
         meta_images, meta_labels, _ = batch["meta"]
