@@ -31,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants",
         default="",
         help="extra plain loops to compare, comma-separated, each a '+'-joined spec of: "
-        "channels-last, contiguous, cache, no-cache, compile, workers-0 ... workers-4, glibc-malloc (glibc's usual "
-        "malloc instead of a CPU run's, imbalance.allocator) (e.g. cache+workers-1)",
+        "channels-last, contiguous, cache, no-cache, compile, workers-0 ... workers-4 (e.g. cache+workers-1)",
     )
     p.add_argument("--data-dir", type=Path, help="photo folder (default: the embedded digits)")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the photos to use")
@@ -51,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     p.add_argument("--accelerator", default="auto", choices=["auto", "cpu", "gpu"])
     p.add_argument("--no-memory", action="store_true", help="skip the loader-memory measurement")
+    p.add_argument(
+        "--glibc-malloc",
+        action="store_true",
+        help="on a CPU, leave glibc's malloc as it is instead of keeping freed memory as a run does "
+        "(imbalance.allocator): run once with and once without to compare",
+    )
     p.add_argument("--out", type=Path, help="write the report as JSON here")
     return p
 
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             block=args.block,
             variants=variants,
             data_only=args.data_only,
+            glibc_malloc=args.glibc_malloc,
         )
     except (ConfigError, DataError, WeightsError) as error:
         parser.exit(2, f"error: {unwrap_worker_error(error) or error}\n")

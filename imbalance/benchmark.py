@@ -115,19 +115,9 @@ class PlainLoop(_TimedPath):
     """A hand-written training loop over the run's real training loader (each step's time includes
     fetching its batch)."""
 
-    def __init__(self, cfg: RunConfig, split, device: torch.device, bf16: bool, glibc_malloc: bool = False) -> None:
+    def __init__(self, cfg: RunConfig, split, device: torch.device, bf16: bool) -> None:
         super().__init__(cfg, split, device, bf16)
         self.batches = _endless(self.datamodule.train_dataloader())
-        self.glibc_malloc = glibc_malloc
-
-    def step(self, timed: bool = True) -> None:
-        if not self.glibc_malloc:
-            return super().step(timed)
-        keep_freed_memory(False)
-        try:
-            super().step(timed)
-        finally:
-            keep_freed_memory(True)
 
     def batch(self) -> tuple[Tensor, Tensor]:
         x, y, _ = next(self.batches)
@@ -321,20 +311,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "compile": {"compile": True},
     **{f"workers-{n}": {"num_workers": n} for n in range(5)},
 }
-# Not a RunConfig setting: the plain loop with glibc's usual malloc behaviour instead of a CPU run's
-# (imbalance.allocator), switched for each of its steps, its loader workers forked with it
-GLIBC_MALLOC = "glibc-malloc"
 
 
 def variant_config(cfg: RunConfig, spec: str) -> RunConfig:
     """`cfg` with the changes of a --variants spec such as "cache+workers-1"; ConfigError on an unknown name."""
     changes: dict[str, Any] = {}
     for name in spec.split("+"):
-        if name == GLIBC_MALLOC:
-            continue
         if name not in VARIANTS:
-            choices = ", ".join([*VARIANTS, GLIBC_MALLOC])
-            raise ConfigError(f"--variants: unknown setting {name!r} in {spec!r}; choose from {choices}")
+            raise ConfigError(f"--variants: unknown setting {name!r} in {spec!r}; choose from {', '.join(VARIANTS)}")
         changes.update(VARIANTS[name])
     return replace(cfg, **changes).validate()
 
@@ -395,8 +379,11 @@ def run_benchmark(
     block: int = 5,
     variants: tuple[str, ...] = (),
     data_only: bool = False,
+    glibc_malloc: bool = False,
 ) -> dict[str, Any]:
-    """All measurements and ratios; see the module docstring. `data_only`: the data pipeline alone."""
+    """All measurements and ratios; see the module docstring. `data_only`: the data pipeline alone.
+    `glibc_malloc`: leave glibc's malloc as it is instead of keeping freed memory as a CPU run does, to compare
+    the two in separate processes (within one, the heap that one setting leaves behind serves the other)."""
     if warmup < 1:  # the interleaving starts the other paths at the end of Lightning's last warm-up step
         raise ConfigError(f"--warmup must be at least 1, got {warmup}")
     if cfg.accelerator == "gpu" and not torch.cuda.is_available():
@@ -405,7 +392,8 @@ def run_benchmark(
         raise ConfigError("--variants compares training loops; --data-only measures the data pipeline alone: drop one")
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.accelerator != "cpu" else "cpu")
     accelerator = "gpu" if device.type == "cuda" else "cpu"
-    if device.type == "cpu":  # as a CPU run does (imbalance.train.fit): every path reuses freed memory
+    malloc = "glibc" if glibc_malloc or device.type != "cpu" else "kept"
+    if malloc == "kept":  # as a CPU run does (imbalance.train.fit): every path reuses freed memory
         keep_freed_memory()
     bf16 = cfg.precision == "bf16-mixed"
     split = load_split(cfg)
@@ -420,12 +408,7 @@ def run_benchmark(
         variant_cfgs = {spec: variant_config(cfg, spec) for spec in variants}  # every spec checked before timing
         paths: dict[str, _TimedPath] = {"plain_loop": PlainLoop(cfg, split, device, bf16)}
         for spec, variant in variant_cfgs.items():
-            glibc_malloc = GLIBC_MALLOC in spec.split("+")
-            if glibc_malloc and device.type != "cpu":
-                raise ConfigError(
-                    f"--variants {spec}: {GLIBC_MALLOC} compares a CPU run's malloc settings; drop it on a GPU"
-                )
-            paths[f"plain_loop[{spec}]"] = PlainLoop(variant, split, device, bf16, glibc_malloc)
+            paths[f"plain_loop[{spec}]"] = PlainLoop(variant, split, device, bf16)
         results.update(interleaved_rates(cfg, split, steps, warmup, rounds, block, accelerator, paths))
         # The model-alone ceilings run in a phase of their own, taking turns with each other only: interleaved
         # with the end-to-end paths, two more models and their optimiser states between every Lightning block
@@ -477,6 +460,7 @@ def run_benchmark(
             "precision": "bf16-mixed" if bf16 else "32-true",
             "channels_last": bool(cfg.channels_last),
             "compile": cfg.compile,
+            "malloc": malloc,
             "cache": cfg.cache,
             "num_workers": _num_workers(cfg, split),
             "data": split.source,

@@ -600,8 +600,6 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
         cfg = _stage2_config(cfg, given)
     cfg.validate()
     hw = stage2_hardware(cfg, hardware(cfg))
-    if hw["accelerator"] == "cpu" or not torch.cuda.is_available():  # a CPU run: its steps reuse memory
-        keep_freed_memory()
     run_name, run_dir = resolve_run(cfg)
     overwrite = cfg.overwrite
     cfg = replace(cfg, run_name=run_name, out=run_dir, overwrite=False)  # an action, not part of the run
@@ -611,6 +609,8 @@ def fit(cfg: RunConfig, given: Iterable[str] | None = None) -> dict[str, Any]:
     ckpt_path = run_dir / "checkpoints" / "last.ckpt" if cfg.resume else None
     shapes = read_resume_checkpoint(ckpt_path, cfg) if ckpt_path is not None else None
     check_optimiser(cfg)
+    if hw["accelerator"] == "cpu" or not torch.cuda.is_available():  # a CPU run: its steps reuse memory
+        keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     logger = make_logger(cfg, run_name, run_dir)
     folder = _RunDir(run_dir, owner, cfg.resume, overwrite)

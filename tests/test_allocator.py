@@ -56,12 +56,38 @@ def test_a_cpu_run_applies_the_settings(monkeypatch, tmp_path):
     assert calls == [True]
 
 
-@glibc
-def test_the_settings_switch_both_ways():
+class FakeLibc:
+    def __init__(self, refuse: int | None = None) -> None:
+        self.refuse, self.calls = refuse, []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 0 if param == self.refuse else 1
+
+
+@pytest.mark.parametrize(
+    "refuse, calls, applied",
+    [
+        (None, [(-4, 0), (-1, 2**31 - 1)], True),
+        (-4, [(-4, 0)], False),
+        # refused halfway: mmap goes back on, since without the trim threshold the heap would shrink anyway
+        (-1, [(-4, 0), (-1, 2**31 - 1), (-4, 65536)], False),
+    ],
+)
+def test_the_settings_are_applied_whole_or_not_at_all(monkeypatch, refuse, calls, applied):
     from imbalance import allocator
 
-    try:
-        assert allocator.keep_freed_memory() and allocator.keep_freed_memory()  # twice: nothing more to do
-        assert allocator.keep_freed_memory(False) and allocator._state is False
-    finally:
-        allocator.keep_freed_memory()  # this process as a CPU run leaves it (every test's fit sets it anyway)
+    libc = FakeLibc(refuse)
+    monkeypatch.setattr(allocator, "_libc", lambda: libc)
+    monkeypatch.setattr(allocator, "_applied", False)
+    assert allocator.keep_freed_memory() is applied and libc.calls == calls
+    assert allocator.keep_freed_memory() is applied  # once applied, a second call does nothing more
+    assert libc.calls[: len(calls)] == calls and (len(libc.calls) == len(calls)) is applied
+
+
+def test_elsewhere_than_glibc_nothing_changes(monkeypatch):
+    from imbalance import allocator
+
+    monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
+    monkeypatch.setattr(allocator, "_applied", False)
+    assert allocator._libc() is None and allocator.keep_freed_memory() is False

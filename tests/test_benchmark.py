@@ -33,7 +33,7 @@ def test_benchmark_smoke_on_photos_with_cache_and_memory(tmp_path, capsys):
         "0",
         "--cache",
         "--variants",
-        "channels-last,no-cache+workers-1,glibc-malloc",
+        "channels-last,no-cache+workers-1",
         "--out",
         "bench.json",
     ]
@@ -45,7 +45,6 @@ def test_benchmark_smoke_on_photos_with_cache_and_memory(tmp_path, capsys):
         "plain_loop",
         "plain_loop[channels-last]",
         "plain_loop[no-cache+workers-1]",
-        "plain_loop[glibc-malloc]",
         "lightning",
         "data_cached",
         "data_uncached",
@@ -53,7 +52,7 @@ def test_benchmark_smoke_on_photos_with_cache_and_memory(tmp_path, capsys):
         assert report["images_per_second"][key] > 0, key
         assert len(report["all_rounds"][key]) == 1, key
     assert "plain loop [no-cache+workers-1] / plain loop" in report["ratios"]
-    assert "plain loop [glibc-malloc] / plain loop" in report["ratios"]
+    assert report["settings"]["malloc"] == "kept"  # as a CPU run's (imbalance.allocator)
     assert report["cache_build_seconds"] > 0
     assert "lightning / plain loop" in report["ratios"] and "data cached / uncached" in report["ratios"]
     assert set(report["loss_time_relative_to_ce"]) >= {"ce", "focal", "ldam", "autobalance"}
@@ -63,18 +62,18 @@ def test_benchmark_smoke_on_photos_with_cache_and_memory(tmp_path, capsys):
     assert report["ratio_rounds"]["lightning / plain loop"] and "not resolved" in report["verdict"]  # one round
 
 
-def test_the_glibc_malloc_variant_switches_for_its_own_steps_only(monkeypatch):
+def test_glibc_malloc_leaves_the_allocator_alone(tmp_path, monkeypatch):
     import imbalance.benchmark as bench
 
     calls = []
-    monkeypatch.setattr(bench, "keep_freed_memory", lambda keep=True: calls.append(keep) or True)
-    monkeypatch.setattr(bench._TimedPath, "step", lambda self, timed=True: calls.append("step"))
-    loop = object.__new__(bench.PlainLoop)
-    loop.glibc_malloc = True
-    loop.step()
-    loop.glibc_malloc = False
-    loop.step()
-    assert calls == [False, "step", True, "step"]  # the run's settings back after the variant's step
+    monkeypatch.setattr(bench, "keep_freed_memory", lambda: calls.append(True) or True)
+    tree = make_class_tree(tmp_path / "pets", {"Cat": 12, "Dog": 12})
+    common = ["--data-only", "--data-dir", str(tree), "--image-size", "32", "--batch-size", "4", "--steps", "1"]
+    common += ["--block", "1", "--warmup", "1", "--rounds", "1", "--num-workers", "0", "--no-memory"]
+    assert benchmark.main([*common, "--glibc-malloc", "--out", str(tmp_path / "glibc.json")]) == 0
+    assert calls == [] and json.loads((tmp_path / "glibc.json").read_text())["settings"]["malloc"] == "glibc"
+    assert benchmark.main([*common, "--out", str(tmp_path / "kept.json")]) == 0
+    assert calls == [True] and json.loads((tmp_path / "kept.json").read_text())["settings"]["malloc"] == "kept"
 
 
 def test_round_ratios_are_paired_within_each_round():
