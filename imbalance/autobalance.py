@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from imbalance.io import atomic_write_json
 from imbalance.losses import ParametricLoss
-from imbalance.model import ImbalanceClassifier, NonFiniteLossError
+from imbalance.model import ImbalanceClassifier, NonFiniteLossError, adamw
 
 
 def initial_loss(init: str, class_counts: Sequence[int], trainable: bool = True) -> ParametricLoss:
@@ -202,7 +202,7 @@ class AutoBalanceSearch(L.LightningModule):
 
     def configure_optimizers(self):
         model_params = [p for n, p in self.named_parameters() if not n.startswith("loss_fn.") and p.requires_grad]
-        opt_model = torch.optim.AdamW(model_params, lr=self.lr, weight_decay=self.weight_decay)
+        opt_model = adamw(model_params, lr=self.lr, weight_decay=self.weight_decay)
         opt_alpha = torch.optim.Adam(self.loss_fn.parameters(), lr=self.alpha_lr)
         return [opt_model, opt_alpha]
 

@@ -151,6 +151,16 @@ def freeze_all_but_head(model: nn.Module) -> None:
         param.requires_grad = id(param) in head
 
 
+def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW, with PyTorch's fused kernel where every parameter is on a CPU or a CUDA GPU: the same update up to
+    floating-point rounding (tests/test_model.py), in one kernel instead of a Python loop over the parameters.
+    On the 2-core CPU a resnet10t step of AdamW took 28 ms per-tensor and 3-4 ms fused, about a tenth of the
+    case study's whole training step (issue 18)."""
+    params = list(params)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 class ImbalanceClassifier(L.LightningModule):
     """Backbone + loss, with exact epoch metrics of the positive class for train and val.
 
@@ -377,7 +387,7 @@ class ImbalanceClassifier(L.LightningModule):
         lr, weight_decay, epochs = self.optimisation()
         warmup = self.warmup_epochs()
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
         epochs = max(1, epochs)
 
         def factor(epoch: int) -> float:

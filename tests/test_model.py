@@ -14,6 +14,7 @@ from imbalance.losses import LOSSES, build_loss
 from imbalance.model import (
     ImbalanceClassifier,
     WeightsError,
+    adamw,
     create_backbone,
     freeze_all_but_head,
     resolve_backbone_name,
@@ -88,6 +89,34 @@ def test_freeze_trains_only_the_head():
     freeze_all_but_head(model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fc.weight", "fc.bias"}
+
+
+# the same gradients into both (a model's forward would let rounding grow through training): the optimiser alone
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
+def test_fused_adamw_makes_the_per_tensor_update(dtype, atol):
+    torch.manual_seed(0)
+    shapes = [(16, 3, 3, 3), (16,), (2, 16)]
+    loop = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in shapes]
+    fused = [torch.nn.Parameter(p.detach().clone()) for p in loop]
+    opt_loop = torch.optim.AdamW(loop, lr=0.01, weight_decay=0.05)  # the per-tensor default on a CPU
+    opt_fused = adamw(fused, lr=0.01, weight_decay=0.05)
+    assert opt_fused.defaults["fused"] and not opt_loop.defaults.get("fused")
+    for _ in range(5):
+        for a, b in zip(loop, fused, strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt_loop.step()
+        opt_fused.step()
+    for a, b in zip(loop, fused, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=atol)
+    assert not adamw([torch.nn.Parameter(torch.zeros(2, device="meta"))], 0.1, 0.0).defaults.get("fused")
+
+
+def test_the_module_trains_with_fused_adamw_on_a_cpu():
+    cfg = RunConfig(backbone="test_resnet", image_size=32)
+    module = ImbalanceClassifier(create_backbone("test_resnet", 2), build_loss(cfg, [10, 5]), cfg.to_dict(), [10, 5])
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
 
 
 def _loss_config(name: str, tmp_path):
