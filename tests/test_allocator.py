@@ -15,20 +15,34 @@ glibc = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings"
 )
 
-# Page faults of a 64 MiB tensor allocated, written and freed once more: in a fresh process, with glibc's
+# Page faults of a 64 MiB block allocated as PyTorch does, written and freed once more: in a fresh process, with glibc's
 # defaults and then after keep_freed_memory(). Run in a child, since the settings hold for the whole process.
 FAULTS = """
-import resource, torch
+import ctypes, resource
 from imbalance.allocator import keep_freed_memory
 
+libc = ctypes.CDLL("libc.so.6")
+libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+SIZE = 64 << 20
+
+
+def write_and_free_a_block():  # as a PyTorch CPU tensor is allocated (c10: posix_memalign, 64-byte aligned)
+    block = ctypes.c_void_p()
+    assert libc.posix_memalign(ctypes.byref(block), 64, SIZE) == 0
+    ctypes.memset(block, 1, SIZE)
+    libc.free(block)
+
+
 def faults_of_a_reused_block():
-    # allocated and freed a few times first: PyTorch's 64-byte aligned blocks leave a small chunk beside each
-    # freed one, so the heap takes a few rounds before a freed block is large enough to serve the next
+    # allocated and freed a few times first: an aligned block leaves a small chunk beside the hole it frees, so
+    # the heap takes a few rounds before a freed hole is large enough to serve the next block
     for _ in range(12):
-        torch.empty(64 << 20, dtype=torch.uint8).fill_(1)
+        write_and_free_a_block()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(64 << 20, dtype=torch.uint8).fill_(2)
+    write_and_free_a_block()
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
 
 default = faults_of_a_reused_block()
 applied = keep_freed_memory()
