@@ -157,7 +157,8 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     On the 2-core CPU a resnet10t step of AdamW took 28 ms per-tensor and 3-4 ms fused, about a tenth of the
     case study's whole training step (issue 18)."""
     params = list(params)
-    fused = bool(params) and all(p.device.type in ("cpu", "cuda") for p in params)
+    tensors = [t for group in params for t in (group["params"] if isinstance(group, dict) else [group])]
+    fused = bool(tensors) and all(t.device.type in ("cpu", "cuda") for t in tensors)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 

@@ -110,6 +110,7 @@ def test_fused_adamw_makes_the_per_tensor_update(dtype, atol):
     for a, b in zip(loop, fused, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=atol)
     assert not adamw([torch.nn.Parameter(torch.zeros(2, device="meta"))], 0.1, 0.0).defaults.get("fused")
+    assert adamw([{"params": loop[:1]}, {"params": loop[1:], "lr": 0.1}], 0.01, 0.0).defaults["fused"]  # groups too
 
 
 def test_the_module_trains_with_fused_adamw_on_a_cpu():
